@@ -36,6 +36,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("fsc", "fsc"),
     ("evaluate", "evaluate"),
     ("export", "export"),
+    ("summarize", "summarize"),
     ("check-config", "check_config"),
 ]
 

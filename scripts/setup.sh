@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create (or update) the project's virtual environment in .venv and install drgnflow with the workflow
+# and test extras. Safe to run repeatedly. Usage: bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first, so that the torch range in pyproject.toml is already satisfied and pip does not pull the
+# newest (multi-GB CUDA) build. Set DRGN_TORCH_SPEC to choose another build, e.g. "torch==2.13.0" on a GPU box
+# gets the CUDA wheel from PyPI.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/python -m pip install -q "${DRGN_TORCH_SPEC:-torch==2.13.0}"
+fi
+.venv/bin/python -m pip install -q -e ".[workflow,dev]"
+echo "drgnflow installed in $(pwd)/.venv — activate with: source .venv/bin/activate"
