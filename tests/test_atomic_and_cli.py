@@ -58,3 +58,18 @@ def test_no_command_prints_help_and_fails(capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "drgn_core.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("drgnflow ")
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "f.txt") as tmp:
+            tmp.write_text("x")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "y").write_text("1")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

@@ -19,6 +19,13 @@ from drgn_core.io.atomic import atomic_path
 SUPPORTED_MODES = {0, 1, 2, 6, 12}
 
 
+def _label(m) -> None:
+    """Replace mrcfile's creation-time label with a fixed one, so a seeded output is byte-identical."""
+    from drgn_core import __version__
+
+    m.header.label[0] = f"{'Created by drgnflow':40s}{__version__:>39s} "
+
+
 def _open(path: str | os.PathLike, mmap: bool):
     path = Path(path)
     if not path.exists():
@@ -84,6 +91,7 @@ def write_mrc(path: str | os.PathLike, data: np.ndarray, apix: float, dtype=np.f
                 m.set_volume() if np.ndim(data) == 3 else None
             m.voxel_size = apix
             m.header.origin = (0.0, 0.0, 0.0)
+            _label(m)
 
 
 def new_mmap_stack(path: str | os.PathLike, n: int, D: int, apix: float, dtype=np.float32):
@@ -95,4 +103,5 @@ def new_mmap_stack(path: str | os.PathLike, n: int, D: int, apix: float, dtype=n
                          overwrite=True)
     m.set_image_stack()
     m.voxel_size = apix
+    _label(m)
     return m

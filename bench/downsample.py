@@ -1,0 +1,79 @@
+"""Benchmark: `drgn downsample` throughput (images/s), D0=256 → D=128, float32 and float16 output.
+
+Writes one stack of random 256×256 images (2,000 by default) with a canonical table, then times
+`downsample_table` (the whole command minus Python start-up: read from the memory-mapped stack, sign,
+Fourier crop, write) for each output dtype. Prints JSON.
+
+Run: .venv/bin/python bench/downsample.py [--n 2000] [--D0 256] [--D 128] [--threads 2] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import torch
+
+
+def make_table(root: Path, n: int, D0: int, seed: int = 0):
+    """A stack of n random D0×D0 images and a canonical table over it."""
+    from drgn_core.io.table import ParticleTable, write_table
+
+    rng = np.random.default_rng(seed)
+    m = mrcfile.new_mmap(root / "orig.mrcs", shape=(n, D0, D0), mrc_mode=2, overwrite=True)
+    for s in range(0, n, 250):
+        m.data[s:s + 250] = rng.standard_normal((min(250, n - s), D0, D0), dtype=np.float32)
+    m.set_image_stack()
+    m.voxel_size = 1.0
+    m.close()
+    particles = pd.DataFrame({
+        "rlnImageName": [f"{i + 1:06d}@orig.mrcs" for i in range(n)],
+        "rlnAngleRot": 0.0, "rlnAngleTilt": 0.0, "rlnAnglePsi": 0.0, "rlnOriginXAngst": 0.0,
+        "rlnOriginYAngst": 0.0, "rlnDefocusU": 1e4, "rlnDefocusV": 1e4, "rlnDefocusAngle": 0.0,
+        "rlnPhaseShift": 0.0, "rlnOpticsGroup": 1, "drgnStackPath": str(root / "orig.mrcs"),
+        "drgnStackIndex": np.arange(n), "drgnImageSign": 1, "drgnSourceRow": np.arange(n)})
+    optics = pd.DataFrame({"rlnOpticsGroupName": ["og1"], "rlnOpticsGroup": [1], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
+                           "rlnImagePixelSize": [1.0], "rlnImageSize": [D0], "rlnImageDimensionality": [2]})
+    table = ParticleTable(particles, optics)
+    write_table(table, root / "table.star")
+    return table
+
+
+def main() -> None:
+    from drgn_core.downsample import downsample_table
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--D0", type=int, default=256)
+    ap.add_argument("--D", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=1000)
+    ap.add_argument("--workdir", type=Path)
+    args = ap.parse_args()
+    result = {"benchmark": "drgn downsample", "n": args.n, "D0": args.D0, "D": args.D,
+              "threads": args.threads, "chunk": args.chunk, "cpus": os.cpu_count(),
+              "load_avg_1min": round(os.getloadavg()[0], 2)}
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        root = Path(tmp)
+        table = make_table(root, args.n, args.D0)
+        for kind in ("float32", "float16"):
+            t0 = time.perf_counter()
+            downsample_table(table, args.D, root / f"p.{kind}.mrcs", chunk=args.chunk,
+                             float16=kind == "float16", max_threads=args.threads, progress=False)
+            dt = time.perf_counter() - t0
+            result[f"{kind}_images_per_s"] = round(args.n / dt, 1)
+            result[f"{kind}_s"] = round(dt, 2)
+    result["torch"] = torch.__version__
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""`drgn import`: a RELION STAR or cryoSPARC .cs particle file → the canonical particle table."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "import RELION .star / cryoSPARC .cs particles into a canonical particle table"
+DESCRIPTION = """\
+Read a particle file with consensus poses and CTF — RELION 3.0 or 3.1+/5 STAR, or a cryoSPARC .cs
+(numpy or stream format) — check everything (stacks exist, image indices are inside their stacks, one
+even square box, one pixel size, CTF and poses present and finite, optics groups defined), and write the
+canonical particle table (a RELION 3.1 STAR with drgnflow's columns) that every later stage reads.
+All problems are reported together; nothing is written unless the input is sound.
+
+Stack paths are tried relative to --datadir (as written, then by file name) and then to the input
+file's folder. cryoSPARC blob/sign = -1 (dark particles) is recorded and applied when images are read.
+
+Example:
+  drgn import Refine3D/job012/run_data.star --datadir . -o work/table.star
+  drgn import J42/J42_particles.cs --datadir /data/cryosparc/P3 -o work/table.star --check-nan
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="particle file: .star (RELION 3.0/3.1+/5) or .cs (cryoSPARC)")
+    parser.add_argument("-o", "--output", required=True, help="canonical particle table to write (.star)")
+    parser.add_argument("--datadir", help="folder the stack paths are relative to (RELION/cryoSPARC project "
+                        "folder); default: the input file's folder")
+    parser.add_argument("--apix", type=float, help="pixel size of the particle images in Å (overrides the "
+                        "file; needed when it does not say)")
+    parser.add_argument("--box", type=int, help="expected box size in pixels, checked against the stacks")
+    parser.add_argument("--invert", action="store_true", help="invert the contrast (use when the stacks hold "
+                        "dark particles and the metadata does not say so)")
+    parser.add_argument("--check-nan", action="store_true", help="also scan every image for NaN/Inf pixels "
+                        "(reads all images)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from drgn_core.importing import import_particles, summary
+    from drgn_core.io.atomic import refuse_overwrite_input
+    from drgn_core.io.table import write_table
+
+    refuse_overwrite_input([args.output], [args.input])
+    table = import_particles(args.input, datadir=args.datadir, apix=args.apix, box=args.box,
+                             invert=args.invert, check_nan=args.check_nan)
+    write_table(table, args.output)
+    print(summary(table, args.input) + f" Wrote {args.output}.")
+    return 0

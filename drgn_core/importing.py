@@ -1,0 +1,222 @@
+"""`drgn import`: users' particle metadata (RELION STAR, cryoSPARC .cs) → the canonical particle table.
+
+Import is where bad input must stop: every later stage trusts the table. So the importer checks
+everything it can — each stack exists and is a readable MRC, each image index lies inside its stack, one
+even square box, one known pixel size, CTF present and finite, poses finite, every optics group defined —
+and reports all problems in one message, so a user fixes a broken file in one pass rather than one error
+per run. Nothing is written unless the whole table is sound.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from drgn_core.errors import InputError, collect
+from drgn_core.io.star import format_rows
+from drgn_core.io.table import CTF_PARTICLE_COLUMNS, POSE_COLUMNS, SHIFT_COLUMNS, ParticleTable
+
+FORMAT_NAMES = {"star30": "RELION 3.0 STAR", "star31": "RELION 3.1+ STAR", "cs": "cryoSPARC .cs"}
+
+
+def import_particles(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
+                     apix: float | None = None, box: int | None = None, invert: bool = False,
+                     check_nan: bool = False) -> ParticleTable:
+    """Read a `.star` or `.cs` particle file into a validated canonical `ParticleTable`.
+
+    `datadir`: folder that stack paths are relative to (default: the input's folder); `apix`: pixel size
+    of the particle images, overriding the file; `box`: expected box size, checked against the stacks;
+    `invert`: flip the contrast (for stacks with dark particles that the metadata does not mark);
+    `check_nan`: also scan every image for NaN/Inf pixels (reads all images).
+    Raises one `InputError` listing every problem found.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such file", path)
+    if path.is_dir():
+        raise InputError("is a folder; give the particle .star or .cs file", path)
+    if datadir is not None and not Path(datadir).is_dir():
+        raise InputError("is not a folder (--datadir)", datadir)
+    if apix is not None and not (np.isfinite(apix) and apix > 0):
+        raise InputError(f"--apix must be a positive number of Å/px, got {apix}", path)
+    problems: list[str] = []
+    suffix = path.suffix.lower()
+    if suffix == ".star":
+        from drgn_core.io.star import read_relion_star
+        table = read_relion_star(path, datadir, apix, problems)
+    elif suffix == ".cs":
+        from drgn_core.io.cs import read_cs
+        table = read_cs(path, datadir, apix, problems)
+    else:
+        raise InputError(f"unknown particle file type '{path.suffix}'; drgn import reads RELION .star and "
+                         "cryoSPARC .cs files", path)
+    validate_table(table, problems, box=box)
+    collect(problems, path)
+    if invert:
+        table.particles["drgnImageSign"] = -table.particles["drgnImageSign"].to_numpy()
+    if check_nan:
+        collect(find_nonfinite_images(table), path)
+    table.provenance.update({"datadir": str(Path(datadir).absolute()) if datadir is not None else "",
+                             "invert": str(bool(invert)).lower(),
+                             "apix_override": "" if apix is None else f"{apix:g}"})
+    return table
+
+
+def _stack_refs(table: ParticleTable) -> pd.Series:
+    """The stack of each row as the user's file wrote it (for messages)."""
+    names = table.particles["rlnImageName"].astype("str")
+    return names.str.partition("@")[2].where(names.str.contains("@", regex=False), names)
+
+
+def _describe_image(table: ParticleTable, row: int) -> str:
+    if table.provenance.get("source_format") == "cs":
+        return f"blob/idx {int(table.particles['drgnStackIndex'].iloc[row])}"
+    return f"rlnImageName {table.particles['rlnImageName'].iloc[row]}"
+
+
+def validate_table(table: ParticleTable, problems: list[str], box: int | None = None) -> None:
+    """Check a freshly read table against its stacks and itself; append problems; fill each optics group's
+    rlnImageSize from the stacks where the metadata did not give it."""
+    from drgn_core.io.mrc import read_stack_header
+
+    p = table.particles
+    if len(p) == 0:
+        problems.append("holds no particles")
+        return
+    paths = p["drgnStackPath"].astype("str")
+    codes, uniq = pd.factorize(paths, sort=False)
+    refs = _stack_refs(table)
+    idx = p["drgnStackIndex"].to_numpy(dtype=np.int64)
+    first_row = pd.Series(np.arange(len(p))).groupby(codes).first().to_numpy()
+
+    # Stack headers: existence was checked by the reader; read each existing stack's header once.
+    counts = np.full(len(uniq), -1, dtype=np.int64)
+    shapes: dict[tuple[int, int], list[int]] = {}
+    for k, sp in enumerate(uniq):
+        if not os.path.isfile(sp):
+            continue
+        try:
+            n, ny, nx, _, _ = read_stack_header(sp)
+        except InputError as e:
+            problems.append(f"stack {refs.iloc[first_row[k]]}: {e}")
+            continue
+        counts[k] = n
+        shapes.setdefault((ny, nx), []).append(k)
+
+    # Indices within their stacks.
+    n_per_row = counts[codes]
+    beyond = np.flatnonzero((n_per_row >= 0) & (idx >= n_per_row))
+    if len(beyond):
+        for k in pd.unique(codes[beyond])[:10]:
+            rows = beyond[codes[beyond] == k]
+            more = f" (and {len(rows) - 1} more rows beyond its end)" if len(rows) > 1 else ""
+            problems.append(f"row {rows[0]}: {_describe_image(table, int(rows[0]))} but "
+                            f"{refs.iloc[rows[0]]} holds {counts[k]} images{more}")
+
+    # One square, even box, agreeing with the metadata and --box.
+    if len(shapes) > 1:
+        desc = ", ".join(f"{ny}×{nx} ({refs.iloc[first_row[ks[0]]]}"
+                         + (f" and {len(ks) - 1} more stacks)" if len(ks) > 1 else ")")
+                         for (ny, nx), ks in shapes.items())
+        problems.append(f"stacks have different image sizes: {desc}; drgnflow needs one box size")
+    elif shapes:
+        (ny, nx), = shapes
+        ref = refs.iloc[first_row[shapes[(ny, nx)][0]]]
+        if ny != nx:
+            problems.append(f"stack {ref} holds {ny}×{nx} images; drgnflow needs square images")
+        elif nx % 2:
+            problems.append(f"box size {nx} (stack {ref}) is odd; drgnflow needs an even box "
+                            "(re-extract or crop the particles to an even size)")
+        if box is not None and box != nx:
+            problems.append(f"--box {box} but the stacks hold {ny}×{nx} images")
+        sizes = table.optics["rlnImageSize"].to_numpy()
+        for g, s in zip(table.optics["rlnOpticsGroup"], sizes):
+            if s and int(s) != nx:
+                problems.append(f"optics group {g} says the box is {int(s)} but the stacks hold "
+                                f"{ny}×{nx} images")
+        table.optics["rlnImageSize"] = np.where(sizes > 0, sizes, nx).astype(np.int64)
+
+    _check_values(table, problems)
+
+
+def _check_values(table: ParticleTable, problems: list[str]) -> None:
+    """Finite poses/shifts/CTF, physical optics values, one pixel size."""
+    p, o = table.particles, table.optics
+    is_cs = table.provenance.get("source_format") == "cs"
+
+    def label(c: str) -> str:
+        return _CS_NAMES.get(c, c) if is_cs else c
+
+    for c in [*POSE_COLUMNS, *SHIFT_COLUMNS, *CTF_PARTICLE_COLUMNS, "rlnPhaseShift"]:
+        if c in p and pd.api.types.is_numeric_dtype(p[c]):
+            bad = np.flatnonzero(~np.isfinite(p[c].to_numpy(dtype=np.float64)))
+            if len(bad):
+                problems.append(f"{format_rows(bad)}: {label(c)} is NaN or infinite")
+    px = o["rlnImagePixelSize"].to_numpy(dtype=np.float64)
+    if not np.isnan(px).all():  # all-NaN: the reader already said the pixel size is missing
+        if not (np.isfinite(px) & (px > 0)).all():
+            problems.append(f"pixel size {px.tolist()} Å is not a positive number")
+        elif len(np.unique(np.round(px, 6))) > 1:
+            sizes = sorted(set(np.round(px, 6).tolist()))
+            problems.append(f"optics groups have different pixel sizes ({sizes} Å); drgnflow needs one "
+                            "pixel size per dataset")
+    checks = (("rlnVoltage", lambda v: v > 0, "voltage (kV) must be positive"),
+              ("rlnAmplitudeContrast", lambda v: (v >= 0) & (v < 1), "amplitude contrast must be in [0, 1)"),
+              ("rlnSphericalAberration", np.isfinite, "Cs must be a finite number"))
+    for c, ok, what in checks:
+        if c in o and pd.api.types.is_numeric_dtype(o[c]):
+            v = o[c].to_numpy(dtype=np.float64)
+            with np.errstate(invalid="ignore"):
+                bad = ~(np.isfinite(v) & ok(v))
+            for g, val in zip(o["rlnOpticsGroup"][bad], v[bad]):
+                problems.append(f"optics group {g}: {label(c)} is {val:g}; {what}")
+
+
+_CS_NAMES = {"rlnAngleRot": "alignments3D/pose", "rlnAngleTilt": "alignments3D/pose",
+             "rlnAnglePsi": "alignments3D/pose", "rlnOriginXAngst": "alignments3D/shift",
+             "rlnOriginYAngst": "alignments3D/shift", "rlnDefocusU": "ctf/df1_A", "rlnDefocusV": "ctf/df2_A",
+             "rlnDefocusAngle": "ctf/df_angle_rad", "rlnPhaseShift": "ctf/phase_shift_rad",
+             "rlnVoltage": "ctf/accel_kv", "rlnAmplitudeContrast": "ctf/amp_contrast",
+             "rlnSphericalAberration": "ctf/cs_mm"}
+
+
+def find_nonfinite_images(table: ParticleTable, chunk_size: int = 1000) -> list[str]:
+    """Problems for images holding NaN or infinite pixels (reads every image once, with a progress bar)."""
+    from tqdm import tqdm
+
+    from drgn_core.io.images import ImageSource
+
+    src = ImageSource(table)
+    bad_rows: list[np.ndarray] = []
+    with tqdm(total=len(table), desc="checking images for NaN", unit="img", leave=False) as bar:
+        for start, images in src.chunks(chunk_size):
+            ok = np.isfinite(images).all(axis=(1, 2))
+            bad_rows.append(start + np.flatnonzero(~ok))
+            bar.update(len(images))
+    src.close()
+    rows = np.concatenate(bad_rows) if bad_rows else np.zeros(0, dtype=np.int64)
+    if not len(rows):
+        return []
+    name = table.particles["rlnImageName"].iloc[int(rows[0])]  # N@stack (built from blob/* for a .cs)
+    return [f"{format_rows(rows)}: image {name} contains NaN or infinite pixels"]
+
+
+def summary(table: ParticleTable, source: str | os.PathLike) -> str:
+    """One paragraph for the user: what was imported."""
+    p, o = table.particles, table.optics
+    n_stacks = p["drgnStackPath"].nunique()
+    groups = "; ".join(
+        f"{name}: {kv:g} kV, Cs {cs:g} mm, w {w:g}"
+        for name, kv, cs, w in zip(o.get("rlnOpticsGroupName", o["rlnOpticsGroup"]), o["rlnVoltage"],
+                                   o["rlnSphericalAberration"], o["rlnAmplitudeContrast"]))
+    signs = table.image_signs()
+    contrast = ("images used as stored" if (signs > 0).all()
+                else "contrast inverted for all images" if (signs < 0).all()
+                else f"contrast inverted for {(signs < 0).sum()} images")
+    fmt = FORMAT_NAMES.get(table.provenance.get("source_format", ""), "particle file")
+    return (f"Imported {len(table)} particles from {source} ({fmt}): box {table.box} px at "
+            f"{table.apix:g} Å/px, {len(o)} optics group{'s' if len(o) != 1 else ''} ({groups}), "
+            f"{n_stacks} stack{'s' if n_stacks != 1 else ''}; {contrast}.")

@@ -1,0 +1,253 @@
+"""cryoSPARC particle `.cs` files: reading into a `ParticleTable`, and writing a particle `.cs`.
+
+Both on-disk formats (a numpy structured array, sometimes with a header larger than numpy's default
+limit, and the compressed ``\\x95CSDAT`` stream) are read by cryoSPARC's own library, cryosparc-tools
+(`Dataset.load`), so we never hand-parse them; files we write are numpy-format `.cs` that the same
+library reads back (tests check that).
+
+Conversions (DESIGN §3):
+
+- ``alignments3D/pose`` is a rotation vector r with A = R(r)ᵀ → RELION Euler angles via the pose matrix;
+- ``alignments3D/shift`` is in pixels of ``alignments3D/psize_A``, same sign as RELION's origins → Å;
+- CTF angles are radians → degrees; ``df1_A``/``df2_A`` are RELION's DefocusU/V;
+- ``blob/idx`` is 0-based; ``blob/path`` starts with '>' (cryoSPARC's "relative to the project" marker);
+- ``blob/sign`` = -1 marks dark particles: it becomes drgnImageSign and is applied when images are read;
+- ``uid`` is a uint64 kept exactly as a decimal string (values ≥ 2⁶³ are common).
+
+Optics groups come from ``ctf/exp_group_id`` together with the optics tuple (kV, Cs, w, pixel size), so
+two exposure groups never share a group and one with mixed optics is split.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from drgn_core.errors import InputError, collect
+from drgn_core.io.star import format_rows, locate_stacks
+from drgn_core.io.table import OPTICS_COLUMNS, ParticleTable
+from drgn_core.pose import euler_to_matrix, matrix_to_euler, matrix_to_rotvec, rotvec_to_matrix
+
+CTF_FIELDS = ["ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast"]
+NO_POSES_HINT = ("drgnflow needs consensus poses: use the particles output of a 3D refinement "
+                 "(e.g. J42/J42_particles.cs or its exported particles)")
+
+
+def load_dataset(path: str | os.PathLike):
+    """cryosparc-tools `Dataset` of a `.cs` file, with a one-line error for anything unreadable."""
+    from cryosparc.dataset import Dataset
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("no such file", path)
+    try:
+        return Dataset.load(path)
+    except Exception as e:  # cryosparc-tools raises several kinds for truncated/foreign files
+        raise InputError(f"cannot read as a cryoSPARC .cs file ({type(e).__name__}: {e})", path) from None
+
+
+def _strings(values: np.ndarray) -> pd.Series:
+    """A cryoSPARC string field (bytes or str) as a pandas string Series."""
+    s = pd.Series(values, dtype=object)
+    if len(s) and isinstance(s.iloc[0], bytes):
+        s = s.str.decode("utf-8")
+    return s.astype("str")
+
+
+def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, apix: float | None = None,
+            problems: list[str] | None = None) -> ParticleTable:
+    """Read a cryoSPARC particle `.cs` into a canonical `ParticleTable`.
+
+    `datadir` is the cryoSPARC project folder that ``blob/path`` is relative to (default: the `.cs`'s
+    folder); `apix` overrides the image pixel size (``blob/psize_A``). With `problems` given, problems are
+    appended to it and a best-effort table returned (see `drgn_core.io.star.read_relion_star`); a file
+    without poses or blob fields cannot give a table and raises at once.
+    """
+    path = Path(path)
+    own = problems is None
+    probs: list[str] = [] if own else problems
+    d = load_dataset(path)
+    fields = set(d.fields())
+    fatal = [f for f in ("alignments3D/pose", "blob/path", "blob/idx") if f not in fields]
+    if fatal:
+        hint = NO_POSES_HINT if "alignments3D/pose" in fatal else "drgnflow needs the particle images"
+        raise InputError(f"has no {', '.join(fatal)} field; {hint}", path)
+    missing_ctf = [f for f in CTF_FIELDS if f not in fields]
+    if missing_ctf:
+        probs.append(f"has no {', '.join(missing_ctf)} field; drgnflow needs CTF parameters")
+    n = len(d)
+
+    def field(name: str, default: float | None = None) -> np.ndarray:
+        if name in fields:
+            return np.asarray(d[name], dtype=np.float64)
+        return np.full(n, np.nan if default is None else default)
+
+    psize_blob = np.round(field("blob/psize_A"), 6)
+    if apix is not None:
+        psize_blob = np.full(n, float(apix))
+    elif "blob/psize_A" not in fields:
+        probs.append("has no blob/psize_A field; give the pixel size with --apix")
+    psize_align = np.round(field("alignments3D/psize_A"), 6) if "alignments3D/psize_A" in fields \
+        else psize_blob
+
+    euler = matrix_to_euler(rotvec_to_matrix(np.asarray(d["alignments3D/pose"], dtype=np.float64)))
+    shift_px = np.asarray(d["alignments3D/shift"], dtype=np.float64) if "alignments3D/shift" in fields \
+        else np.zeros((n, 2))
+    particles = pd.DataFrame({
+        "rlnAngleRot": euler[:, 0], "rlnAngleTilt": euler[:, 1], "rlnAnglePsi": euler[:, 2],
+        "rlnOriginXAngst": shift_px[:, 0] * psize_align, "rlnOriginYAngst": shift_px[:, 1] * psize_align,
+        "rlnDefocusU": field("ctf/df1_A"), "rlnDefocusV": field("ctf/df2_A"),
+        "rlnDefocusAngle": np.rad2deg(field("ctf/df_angle_rad")),
+        "rlnPhaseShift": np.rad2deg(field("ctf/phase_shift_rad", 0.0)),
+        "rlnCtfBfactor": field("ctf/bfactor", 0.0),
+    })
+    if "alignments3D/split" in fields:
+        particles["rlnRandomSubset"] = np.asarray(d["alignments3D/split"], dtype=np.int64) + 1
+
+    # Optics groups: exposure group + optics tuple, numbered in sorted order of exposure group.
+    exp = np.asarray(d["ctf/exp_group_id"], dtype=np.int64) if "ctf/exp_group_id" in fields \
+        else np.zeros(n, dtype=np.int64)
+    keys = pd.DataFrame({"exp": exp, "rlnVoltage": field("ctf/accel_kv"),
+                         "rlnSphericalAberration": field("ctf/cs_mm"),
+                         "rlnAmplitudeContrast": field("ctf/amp_contrast"),
+                         "rlnImagePixelSize": psize_blob})
+    for c in keys.columns[1:]:
+        keys[c] = keys[c].round(6)
+    group = keys.groupby(list(keys.columns), sort=True, dropna=False).ngroup().to_numpy() + 1 \
+        if n else np.zeros(0, dtype=np.int64)
+    particles["rlnOpticsGroup"] = group
+    first = pd.Series(np.arange(n)).groupby(group).first().to_numpy() if n else np.zeros(0, dtype=int)
+    optics = keys.iloc[first].reset_index(drop=True)
+    per_exp = optics.groupby("exp").cumcount().to_numpy()
+    n_in_exp = optics.groupby("exp")["exp"].transform("size").to_numpy()
+    names = [f"exp_group_{e}" + (f"_{k + 1}" if m > 1 else "")
+             for e, k, m in zip(optics["exp"], per_exp, n_in_exp)]
+    optics = optics.drop(columns="exp")
+    optics.insert(0, "rlnOpticsGroup", np.arange(1, len(optics) + 1))
+    optics.insert(0, "rlnOpticsGroupName", names)
+    optics["rlnImageSize"] = _box_per_group(d, fields, group, len(optics), probs)
+    optics["rlnImageDimensionality"] = 2
+    optics = optics[["rlnOpticsGroupName", *OPTICS_COLUMNS, "rlnImageDimensionality"]]
+
+    # Image locations.
+    refs = _strings(d["blob/path"]).str.removeprefix(">")
+    index = np.asarray(d["blob/idx"], dtype=np.int64)
+    particles.insert(0, "rlnImageName", (pd.Series(index + 1).astype(str).str.zfill(6) + "@" + refs)
+                     .to_numpy(dtype=object))
+    particles["rlnImageName"] = particles["rlnImageName"].astype("str")
+    particles["drgnStackPath"] = locate_stacks(refs, path.absolute().parent,
+                                               Path(datadir) if datadir is not None else None, probs)
+    particles["drgnStackIndex"] = index
+    sign = field("blob/sign", 1.0)
+    bad_sign = ~np.isin(sign, [1.0, -1.0])
+    if bad_sign.any():
+        probs.append(f"{format_rows(np.flatnonzero(bad_sign))}: blob/sign is {sign[bad_sign][0]:g}, "
+                     "expected +1 or -1")
+    particles["drgnImageSign"] = np.where(sign < 0, -1, 1).astype(np.int64)
+    particles["drgnSourceRow"] = np.arange(n, dtype=np.int64)
+    if "uid" in fields:
+        particles["drgnUid"] = pd.Series(np.asarray(d["uid"], dtype=np.uint64).astype(str), dtype="str")
+
+    table = ParticleTable(particles, optics, None,
+                          {"source_path": str(path.absolute()), "source_format": "cs"})
+    if own:
+        collect(probs, path)
+    return table
+
+
+def _box_per_group(d, fields: set[str], group: np.ndarray, n_groups: int, probs: list[str]) -> np.ndarray:
+    """rlnImageSize per optics group from ``blob/shape`` (0 where unknown: the importer reads stacks)."""
+    if "blob/shape" not in fields or not len(group):
+        return np.zeros(n_groups, dtype=np.int64)
+    shape = np.asarray(d["blob/shape"], dtype=np.int64).reshape(len(group), -1)
+    boxes = np.unique(shape, axis=0)
+    if len(boxes) > 1:
+        probs.append("blob/shape differs between particles ("
+                     + ", ".join("×".join(map(str, b)) for b in boxes[:5]) + "); drgnflow needs one box size")
+    return np.full(n_groups, int(shape[0, -1]), dtype=np.int64)
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+def fresh_uids(n: int, seed: int) -> np.ndarray:
+    """n distinct random uint64 uids (cryoSPARC's are random 64-bit integers), reproducible from `seed`."""
+    rng = np.random.default_rng(seed)
+    uids = rng.integers(0, np.iinfo(np.uint64).max, size=n, dtype=np.uint64, endpoint=True)
+    while len(np.unique(uids)) < n:  # collisions are astronomically rare; redraw the duplicates
+        _, first = np.unique(uids, return_index=True)
+        dup = np.setdiff1d(np.arange(n), first)
+        uids[dup] = rng.integers(0, np.iinfo(np.uint64).max, size=len(dup), dtype=np.uint64, endpoint=True)
+    return uids
+
+
+def table_uids(table: ParticleTable, seed: int = 0) -> np.ndarray:
+    """The table's cryoSPARC uids; when it has none, fresh ones are drawn and stored in drgnUid so every
+    later file written for this table names the particles the same way."""
+    uids = table.uids()
+    if uids is None:
+        uids = fresh_uids(len(table), seed)
+        table.particles["drgnUid"] = pd.Series(uids.astype(str), dtype="str")
+    return uids
+
+
+def build_cs_fields(table: ParticleTable, out_dir: Path, seed: int = 0) -> list[tuple[str, np.ndarray]]:
+    """(field, column) pairs of a cryoSPARC particle dataset for `table` (blob, ctf, alignments3D)."""
+    n = len(table)
+    ctf = table.ctf_params()
+    apix = table.apix
+    paths = table.stack_paths()
+    codes, uniq = pd.factorize(pd.Series(paths, dtype=object), sort=False)
+    rel = np.asarray([">" + os.path.relpath(str(u), str(out_dir)) for u in uniq], dtype=object)
+    if "rlnRandomSubset" in table.particles:
+        split = np.clip(table.particles["rlnRandomSubset"].to_numpy(dtype=np.int64) - 1, 0, 1)
+    else:
+        split = np.arange(n) % 2  # deterministic, balanced halves
+    f4 = np.float32
+    return [
+        ("uid", table_uids(table, seed)),
+        ("blob/path", rel[codes]),
+        ("blob/idx", table.stack_indices().astype(np.uint32)),
+        ("blob/shape", np.tile(np.array([table.box, table.box], dtype=np.uint32), (n, 1))),
+        ("blob/psize_A", np.full(n, apix, dtype=f4)),
+        ("blob/sign", table.image_signs().astype(f4)),
+        ("ctf/type", np.full(n, "imported", dtype=object)),
+        ("ctf/exp_group_id", table.particles["rlnOpticsGroup"].to_numpy().astype(np.uint32)),
+        ("ctf/accel_kv", ctf[:, 4].astype(f4)),
+        ("ctf/cs_mm", ctf[:, 5].astype(f4)),
+        ("ctf/amp_contrast", ctf[:, 6].astype(f4)),
+        ("ctf/df1_A", ctf[:, 1].astype(f4)),
+        ("ctf/df2_A", ctf[:, 2].astype(f4)),
+        ("ctf/df_angle_rad", np.deg2rad(ctf[:, 3]).astype(f4)),
+        ("ctf/phase_shift_rad", np.deg2rad(ctf[:, 7]).astype(f4)),
+        ("ctf/scale", np.ones(n, dtype=f4)),
+        ("ctf/scale_const", np.zeros(n, dtype=f4)),
+        ("ctf/bfactor", ctf[:, 8].astype(f4)),
+        ("alignments3D/split", split.astype(np.uint32)),
+        ("alignments3D/shift", (table.shifts_A() / apix).astype(f4)),
+        ("alignments3D/pose", matrix_to_rotvec(euler_to_matrix(table.euler())).astype(f4)),
+        ("alignments3D/psize_A", np.full(n, apix, dtype=f4)),
+        ("alignments3D/error", np.zeros(n, dtype=f4)),
+        ("alignments3D/alpha", np.ones(n, dtype=f4)),
+        ("alignments3D/class_posterior", np.ones(n, dtype=f4)),
+        ("alignments3D/class", np.zeros(n, dtype=np.uint32)),
+    ]
+
+
+def write_cs(table: ParticleTable, path: str | os.PathLike, seed: int = 0) -> np.ndarray:
+    """Write `table` as a cryoSPARC particle `.cs` (numpy format), atomically; returns the uids.
+
+    ``blob/path`` is '>' + the stack path relative to the `.cs`'s folder; shifts are written in pixels of
+    the table's pixel size. uids come from drgnUid, or are drawn from `seed` and stored into the table.
+    """
+    from cryosparc.dataset import NUMPY_FORMAT, Dataset
+
+    from drgn_core.io.atomic import atomic_path
+
+    path = Path(path)
+    cols = build_cs_fields(table, path.absolute().parent, seed)
+    dataset = Dataset(cols)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        dataset.save(f, format=NUMPY_FORMAT)
+    return cols[0][1]
