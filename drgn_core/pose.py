@@ -16,6 +16,8 @@ the particle, applied to an image's transform as exp(-2πi k·t) with k in cycle
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.spatial.transform import Rotation
 
@@ -29,10 +31,17 @@ def euler_to_matrix(euler_deg: np.ndarray) -> np.ndarray:
 
 
 def matrix_to_euler(A: np.ndarray) -> np.ndarray:
-    """Pose matrices A (..., 3, 3) → RELION (rot, tilt, psi) in degrees, tilt in [0, 180]."""
+    """Pose matrices A (..., 3, 3) → RELION (rot, tilt, psi) in degrees, tilt in [0, 180].
+
+    At tilt 0 or 180 only rot ± psi is defined; scipy then sets psi = 0 and warns ("Gimbal lock"). The
+    angles it returns still rebuild A exactly, so the warning is silenced: identity poses are common
+    (test data, exports of unaligned particles) and are not a problem to report.
+    """
     A = np.asarray(A, dtype=np.float64)
     flat = A.reshape(-1, 3, 3).transpose(0, 2, 1)
-    e = Rotation.from_matrix(flat).as_euler("ZYZ", degrees=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Gimbal lock detected", category=UserWarning)
+        e = Rotation.from_matrix(flat).as_euler("ZYZ", degrees=True)
     return e.reshape(*A.shape[:-2], 3)
 
 
