@@ -1,0 +1,298 @@
+"""Particle data for training and encoding: prepared once, then served in batches (DESIGN §6).
+
+Preparation turns each image into what the model compares against, once per dataset rather than per
+batch: the centred 2D transform, gathered on the model's half lattice (`models.HalfLattice`), multiplied
+by exp(-2πi k·t) to undo the particle's shift t (DESIGN §3: t is the RELION re-centring origin in px of
+this box), and divided by one global normalisation scale. Shifting the data instead of the model's slice
+gives the same loss (the phase ramp has modulus 1) and hands the encoder centred particles.
+
+Two ways to hold the prepared data, chosen by size (`mode='auto'`):
+- memory: one (N, P, 2) tensor — float32 in RAM on the CPU, float16 on the GPU when it fits;
+- stream: contiguous chunks of the memory-mapped stack are read, prepared and handed over by a background
+  thread (pinned memory for a GPU), for stacks larger than memory. The epoch order is then shuffled per
+  chunk (chunks in random order, images in random order within each chunk), so reads stay contiguous.
+Per-image random disk reads never happen in either mode.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from drgn_core.ctf import ctf_from_params
+from drgn_core.errors import InputError
+from drgn_core.io.stack import open_stack, sidecar_path
+from drgn_core.io.table import ParticleTable
+from drgn_core.models import HalfLattice
+
+NORM_SAMPLE = 1000  # images used to estimate the global normalisation scale
+
+
+# ---- the stack ----------------------------------------------------------------------------------------
+@dataclass
+class ParticleSource:
+    """Images of a dataset at one box size; row i is row i of the canonical table."""
+
+    images: np.ndarray          # (n, D, D) read-only memory map
+    D: int
+    apix: float
+    path: Path
+    signs: np.ndarray | None    # (n,) to multiply rows by (raw stacks only); None when already applied
+
+
+def open_particles(stack_path: str | os.PathLike, table: ParticleTable) -> ParticleSource:
+    """Open the stack the table's rows refer to, checking that the two belong together.
+
+    A `drgn downsample` stack has a `.json` sidecar giving D and the pixel size (contrast already
+    applied). A stack without one is accepted when its box equals the table's own box (e.g. the simulator's
+    particles.mrcs): its pixel size is the table's and the table's image signs are applied on reading.
+    `io.stack.open_stack` checks the row count and the provenance against the table.
+    """
+    path = Path(stack_path)
+    if not path.exists():
+        raise InputError("no such particle stack", path)
+    st = open_stack(path, table)
+    if st.D % 2:
+        raise InputError(f"images are {st.D} px; drgnflow needs an even box (make it with drgn downsample)",
+                         path)
+    signs = None
+    if not sidecar_path(path).is_file():
+        s = table.image_signs()
+        signs = None if np.all(s == 1) else s.astype(np.float32)
+    return ParticleSource(st.images, int(st.D), float(st.apix), path, signs)
+
+
+def read_rows(source: ParticleSource, rows: np.ndarray) -> np.ndarray:
+    """float32 (len(rows), D, D) for table rows, read as one slice when they are consecutive."""
+    rows = np.asarray(rows)
+    if len(rows) and np.all(np.diff(rows) == 1):
+        x = np.array(source.images[rows[0]:rows[-1] + 1], dtype=np.float32)
+    else:
+        x = np.array(source.images[rows], dtype=np.float32)
+    if source.signs is not None:
+        x = x * source.signs[rows, None, None]
+    return x
+
+
+# ---- preparation --------------------------------------------------------------------------------------
+class Preparer:
+    """Image (b, D, D) + shift (b, 2) px → centred half-lattice transform (b, P, 2) / scale, float32."""
+
+    def __init__(self, lattice: HalfLattice, norm_scale: float = 1.0):
+        self.lattice = lattice
+        self.scale = float(norm_scale)
+        self.flat = torch.from_numpy(lattice.flat)
+        self.coords = torch.from_numpy(lattice.coords)  # (P, 2) float64: phases stay exact
+
+    def __call__(self, images: np.ndarray, shifts_px: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        b, D = x.shape[0], x.shape[-1]
+        F = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x, dim=(-2, -1))), dim=(-2, -1))
+        F = F.reshape(b, D * D)[:, self.flat]                               # (b, P) complex64
+        t = torch.from_numpy(np.asarray(shifts_px, dtype=np.float64))         # (b, 2)
+        phase = -2.0 * np.pi * (t @ self.coords.T)                            # (b, P): -2πi k·t
+        F = F * torch.polar(torch.ones_like(phase), phase).to(F.dtype)
+        return torch.view_as_real(F) / self.scale                            # (b, P, 2)
+
+
+def estimate_norm_scale(source: ParticleSource, rows: np.ndarray, shifts_px: np.ndarray,
+                        lattice: HalfLattice, seed: int, n_sample: int = NORM_SAMPLE) -> float:
+    """RMS of the in-circle transform values of a random sample of images (the one global scale).
+
+    The mean of |F|² over the full circle is computed from the half lattice with its weights. cryoDRGN
+    likewise divides by one dataset-wide standard deviation of the transformed images.
+    """
+    rng = np.random.default_rng([seed, 0x5CA1E])
+    pick = np.sort(rng.choice(len(rows), size=min(n_sample, len(rows)), replace=False))
+    prep = Preparer(lattice, 1.0)
+    w = torch.from_numpy(lattice.weights)
+    total = 0.0
+    for a in range(0, len(pick), 256):
+        p = pick[a:a + 256]
+        y = prep(read_rows(source, rows[p]), shifts_px[p]).double()
+        total += float((y.pow(2).sum(-1) @ w).sum())
+    scale = float(np.sqrt(total / (len(pick) * lattice.n_full)))
+    if not np.isfinite(scale) or scale <= 0:
+        raise InputError("images are all zero or not finite: cannot normalise them", source.path)
+    return scale
+
+
+# ---- batches ------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """One minibatch on the training device."""
+
+    pos: torch.Tensor   # (B,) positions into ParticleData.rows (CPU, int64)
+    y: torch.Tensor     # (B, P, 2) float32 prepared transforms
+    A: torch.Tensor     # (B, 3, 3) poses
+    ctf: torch.Tensor   # (B, P) CTF on the half lattice
+
+
+def _bytes_available(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+class ParticleData:
+    """Prepared images, poses and CTF parameters for a set of table rows, served as batches.
+
+    `rows` (N,) are canonical table rows; batch positions index into them. `mode` is 'auto', 'memory' or
+    'stream'; `chunk` is the number of images read, prepared and shuffled together.
+    """
+
+    def __init__(self, source: ParticleSource, table: ParticleTable, rows: np.ndarray, lattice: HalfLattice,
+                 norm_scale: float, device: torch.device, mode: str = "auto", chunk: int = 4096,
+                 progress: bool = True):
+        self.source, self.lattice, self.device = source, lattice, device
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.n = len(self.rows)
+        self.chunk = int(chunk)
+        self.progress = progress
+        sub = table.subset(self.rows)
+        self.shifts_px = sub.shifts_px(source.apix)                                    # (N, 2) float64
+        self.A = torch.from_numpy(sub.poses()).float().to(device)                      # (N, 3, 3)
+        self.ctf_params = torch.from_numpy(sub.ctf_params(source.apix)).float().to(device)  # (N, 9)
+        self.coords = torch.from_numpy(lattice.coords).float().to(device)              # (P, 2)
+        self.prep = Preparer(lattice, norm_scale)
+        self.mode, self.dtype = self._choose(mode)
+        self.y: torch.Tensor | None = None
+        if self.mode == "memory":
+            self.y = self._prepare_all()
+
+    def _choose(self, mode: str) -> tuple[str, torch.dtype]:
+        per32 = self.n * self.lattice.P * 2 * 4
+        avail = _bytes_available(self.device)
+        if self.device.type == "cuda":  # fp16 on the GPU: half the memory, exact enough for noisy images
+            fits = per32 // 2 < 0.6 * avail
+            return ("memory" if mode == "memory" or (mode == "auto" and fits) else "stream"), torch.float16
+        if mode == "memory" or (mode == "auto" and per32 < 0.5 * avail):
+            return "memory", torch.float32
+        if mode == "auto" and per32 // 2 < 0.5 * avail:
+            return "memory", torch.float16
+        return "stream", torch.float32
+
+    def _prepare_rows(self, pos: np.ndarray) -> torch.Tensor:
+        """Prepared (len(pos), P, 2) float32 for sorted positions (CPU)."""
+        return self.prep(read_rows(self.source, self.rows[pos]), self.shifts_px[pos])
+
+    def _prepare_all(self) -> torch.Tensor:
+        y = torch.empty((self.n, self.lattice.P, 2), dtype=self.dtype, device=self.device)
+        step = 1024
+        bar = tqdm(total=self.n, desc="preparing images", unit="img", disable=not self.progress,
+                   mininterval=1.0)
+        for a in range(0, self.n, step):
+            pos = np.arange(a, min(a + step, self.n))
+            y[a:a + len(pos)] = self._prepare_rows(pos).to(self.device, self.dtype)
+            bar.update(len(pos))
+        bar.close()
+        return y
+
+    # ---- ordering ---------------------------------------------------------------------------------------
+    def epoch_order(self, positions: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+        """The visiting order of `positions` in an epoch, a function of (seed, epoch) only.
+
+        Deriving it from (seed, epoch) rather than from a running generator is what lets a resumed run
+        see exactly the batches an uninterrupted one would.
+        """
+        rng = np.random.default_rng([seed, epoch])
+        positions = np.asarray(positions)
+        if self.mode == "memory":
+            return positions[rng.permutation(len(positions))]
+        chunk_id = positions // self.chunk
+        out = []
+        for c in rng.permutation(np.unique(chunk_id)):
+            members = positions[chunk_id == c]
+            out.append(members[rng.permutation(len(members))])
+        return np.concatenate(out) if out else positions[:0]
+
+    # ---- serving ----------------------------------------------------------------------------------------
+    def _make_batch(self, pos: np.ndarray, y: torch.Tensor) -> Batch:
+        p = torch.from_numpy(pos)
+        pd = p.to(self.device)
+        params = self.ctf_params[pd]
+        ctf = ctf_from_params(self.coords, params)                      # (B, P)
+        return Batch(p, y.to(self.device, torch.float32, non_blocking=True), self.A[pd], ctf)
+
+    def batches(self, order: np.ndarray, batch_size: int, start: int = 0) -> Iterator[Batch]:
+        """Batches of `batch_size` following `order`, beginning at entry `start` (to resume mid-epoch)."""
+        order = np.asarray(order)[start:]
+        if self.mode == "memory":
+            for a in range(0, len(order), batch_size):
+                pos = order[a:a + batch_size]
+                yield self._make_batch(pos, self.y[torch.from_numpy(pos).to(self.device)])
+            return
+        yield from self._stream(order, batch_size)
+
+    def _segments(self, order: np.ndarray) -> list[np.ndarray]:
+        """Split an order into runs of entries from the same chunk."""
+        if not len(order):
+            return []
+        cid = order // self.chunk
+        cuts = np.flatnonzero(np.diff(cid)) + 1
+        return np.split(order, cuts)
+
+    def _stream(self, order: np.ndarray, batch_size: int) -> Iterator[Batch]:
+        """Read and prepare chunk segments in a background thread, one ahead of the consumer."""
+        q: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+        pin = self.device.type == "cuda"
+
+        def producer() -> None:
+            try:
+                for seg in self._segments(order):
+                    srt = np.argsort(seg, kind="stable")
+                    y_sorted = self._prepare_rows(seg[srt])
+                    y = torch.empty_like(y_sorted)
+                    y[torch.from_numpy(srt)] = y_sorted                 # back to the segment's order
+                    if pin:
+                        y = y.pin_memory()
+                    while not stop.is_set():
+                        try:
+                            q.put((seg, y), timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(None)
+            except BaseException as e:  # hand the error to the consumer, which re-raises it
+                q.put(e)
+
+        th = threading.Thread(target=producer, daemon=True)
+        th.start()
+        buf_pos, buf_y = order[:0], None  # images received and not yet served, in order
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is not None:  # append the new segment once; batches are then slices of it
+                    seg, y = item
+                    buf_pos = np.concatenate([buf_pos, seg])
+                    buf_y = y if buf_y is None else torch.cat([buf_y, y])
+                full = len(buf_pos) // batch_size * batch_size if item is not None else len(buf_pos)
+                for a in range(0, full, batch_size):
+                    yield self._make_batch(buf_pos[a:a + batch_size], buf_y[a:a + batch_size])
+                buf_pos, buf_y = buf_pos[full:], (buf_y[full:] if buf_y is not None else None)
+                if item is None:
+                    break
+        finally:
+            stop.set()
+            th.join(timeout=5)

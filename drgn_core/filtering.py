@@ -1,0 +1,487 @@
+"""Declarative, reproducible particle filters on latent spaces (`drgn filter`).
+
+The paper removes impurities with rules on pilot runs' latents — z <= -1 for a 1-D latent, the outlier
+component of a 5-component GMM for a 10-D latent — and keeps the intersection of both pilots' kept sets.
+Here such a decision is a YAML spec, so it can be rerun, reviewed and versioned:
+
+    combine: intersection            # across runs: intersection | union of the KEPT sets
+    runs:
+      - run: results/pilot/z1
+        filters:
+          - threshold: {dim: 0, op: '<=', value: -1}     # removes particles with z[0] <= -1
+      - run: results/pilot/z10
+        combine: intersection        # across this run's filters (same meaning), the default
+        filters:
+          - gmm: {components: 5, covariance: full, seed: 0, remove: {rule: largest_mean_norm, n: 1}}
+
+A spec may also be just the list under `runs:`. Run paths are relative to the working directory, like
+every other path on the command line.
+
+Filters (each names the particles it REMOVES):
+
+- threshold {dim, op (<=, >=, <, >), value}: z[:, dim] op value.
+- gmm {components = 5, covariance = full, seed = 0, remove: {ids: [...]} | {rule: largest_mean_norm, n = 1}}:
+  a Gaussian mixture on z; removes the listed components, or the n components whose members have the
+  largest mean ‖z‖ (the paper's outlier cluster, found there "by visualizing the magnitude of the latent
+  encodings"). Component ids are the fitted model's, reported in filter.json and drawn on filter.png.
+- kmeans {k = 20, seed = 0, remove_ids: [...]}: `drgn_core.analysis.kmeans`, the same clustering (same ids)
+  as `drgn analyze` with the same k and seed, so ids read off an analysis can be removed here.
+- norm {k_std = 3}: ‖z‖ > mean(‖z‖) + k_std·std(‖z‖).
+- box {space: pca | umap, xmin, xmax, ymin, ymax (any subset), keep: inside | outside = inside,
+  umap: path/to/umap.npy (optional), seed = 0}: a rectangle in the PC1/PC2 plane (the same PCA as
+  `drgn analyze`) or in UMAP coordinates — read from an analysis folder's umap.npy when `umap` is
+  given (rows aligned with the run's z), else computed with `drgn_core.analysis.run_umap(seed)`.
+
+Combination. Within a run, "intersection" keeps a particle only if every filter keeps it, "union" if any
+does. Across runs the sets are canonical table rows (each run's z rows map through its indices.npy):
+kept = ∩ (or ∪) of the runs' kept sets, and removed = (∪ of the runs' rows) − kept. Literal set algebra:
+with runs trained on different subsets, an intersection also drops rows that some run never saw, which
+is what a run trained on an already-filtered subset means.
+
+Everything random takes a seed recorded in filter.json; the same spec and inputs give identical outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from drgn_core.errors import InputError
+
+OPS = {"<=": np.less_equal, ">=": np.greater_equal, "<": np.less, ">": np.greater}
+COMBINE = ("intersection", "union")
+COVARIANCE = ("full", "tied", "diag", "spherical")
+
+# filter → {parameter: default}; None marks a required parameter
+FILTER_PARAMS: dict[str, dict] = {
+    "threshold": {"dim": None, "op": None, "value": None},
+    "gmm": {"components": 5, "covariance": "full", "seed": 0, "remove": None},
+    "kmeans": {"k": 20, "seed": 0, "remove_ids": None},
+    "norm": {"k_std": 3.0},
+    "box": {"space": None, "xmin": None, "xmax": None, "ymin": None, "ymax": None, "keep": "inside",
+            "umap": None, "seed": 0},
+}
+BOX_BOUNDS = ("xmin", "xmax", "ymin", "ymax")
+
+
+# ---- the spec ---------------------------------------------------------------------------------------------
+@dataclass
+class FilterSpec:
+    kind: str
+    params: dict
+
+
+@dataclass
+class RunSpec:
+    run: Path
+    filters: list[FilterSpec]
+    combine: str = "intersection"
+
+
+@dataclass
+class Spec:
+    runs: list[RunSpec]
+    combine: str = "intersection"
+    source: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"combine": self.combine,
+                "runs": [{"run": str(r.run), "combine": r.combine,
+                          "filters": [{f.kind: f.params} for f in r.filters]} for r in self.runs]}
+
+
+def _err(msg: str, where: str, path) -> InputError:
+    return InputError(f"{where}: {msg}", path)
+
+
+def _as_int(v, name: str, where: str, path) -> int:
+    if isinstance(v, bool) or not isinstance(v, int | np.integer):
+        raise _err(f"'{name}' must be an integer, got {v!r}", where, path)
+    return int(v)
+
+
+def _as_float(v, name: str, where: str, path) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float | np.number):
+        raise _err(f"'{name}' must be a number, got {v!r}", where, path)
+    return float(v)
+
+
+def _check_filter(entry, where: str, path) -> FilterSpec:
+    """Validate one filter entry ({kind: {params}}) and fill in defaults, naming any unknown key."""
+    if not isinstance(entry, dict) or len(entry) != 1:
+        raise _err(f"each filter is a mapping with one key (one of {', '.join(FILTER_PARAMS)}), got "
+                   f"{entry!r}", where, path)
+    kind, params = next(iter(entry.items()))
+    if kind not in FILTER_PARAMS:
+        raise _err(f"unknown filter '{kind}' (known: {', '.join(FILTER_PARAMS)})", where, path)
+    where = f"{where} ({kind})"
+    params = {} if params is None else params
+    if not isinstance(params, dict):
+        raise _err(f"parameters must be a mapping, got {params!r}", where, path)
+    unknown = [k for k in params if k not in FILTER_PARAMS[kind]]
+    if unknown:
+        raise _err(f"unknown parameter '{unknown[0]}' (known: {', '.join(FILTER_PARAMS[kind])})", where, path)
+    p = {**FILTER_PARAMS[kind], **params}
+    if kind == "box":
+        bounds = [b for b in BOX_BOUNDS if p[b] is not None]
+        if not bounds:
+            raise _err("give at least one of xmin, xmax, ymin, ymax", where, path)
+        for b in bounds:
+            p[b] = _as_float(p[b], b, where, path)
+        if p["umap"] is None:
+            p.pop("umap")
+        for b in BOX_BOUNDS:
+            if p[b] is None:
+                p.pop(b)
+    missing = [k for k, v in p.items() if v is None]
+    if missing:
+        raise _err(f"missing required parameter '{missing[0]}'", where, path)
+    if kind == "threshold":
+        p["dim"] = _as_int(p["dim"], "dim", where, path)
+        if p["op"] not in OPS:
+            raise _err(f"'op' must be one of {', '.join(OPS)}, got {p['op']!r}", where, path)
+        p["value"] = _as_float(p["value"], "value", where, path)
+    elif kind == "gmm":
+        p["components"] = _as_int(p["components"], "components", where, path)
+        p["seed"] = _as_int(p["seed"], "seed", where, path)
+        if p["components"] < 1:
+            raise _err("'components' must be >= 1", where, path)
+        if p["covariance"] not in COVARIANCE:
+            raise _err(f"'covariance' must be one of {', '.join(COVARIANCE)}, got {p['covariance']!r}", where,
+                       path)
+        rm = p["remove"]
+        by_ids = isinstance(rm, dict) and set(rm) == {"ids"}
+        by_rule = isinstance(rm, dict) and "rule" in rm and set(rm) <= {"rule", "n"}
+        if not (by_ids or by_rule):
+            raise _err("'remove' must be {ids: [..]} or {rule: largest_mean_norm, n: 1}", where, path)
+        if "ids" in rm:
+            if not isinstance(rm["ids"], list):
+                raise _err(f"'remove.ids' must be a list of component ids, got {rm['ids']!r}", where, path)
+            ids = [_as_int(i, "remove.ids", where, path) for i in rm["ids"]]
+            bad = [i for i in ids if not 0 <= i < p["components"]]
+            if bad:
+                raise _err(f"component id {bad[0]} is out of range 0..{p['components'] - 1}", where, path)
+            p["remove"] = {"ids": sorted(set(ids))}
+        else:
+            if rm["rule"] != "largest_mean_norm":
+                raise _err(f"unknown rule {rm['rule']!r} (known: largest_mean_norm)", where, path)
+            n = _as_int(rm.get("n", 1), "remove.n", where, path)
+            if not 1 <= n < p["components"]:
+                raise _err(f"'remove.n' must be between 1 and components - 1, got {n}", where, path)
+            p["remove"] = {"rule": "largest_mean_norm", "n": n}
+    elif kind == "kmeans":
+        p["k"] = _as_int(p["k"], "k", where, path)
+        p["seed"] = _as_int(p["seed"], "seed", where, path)
+        if not isinstance(p["remove_ids"], list):
+            raise _err(f"'remove_ids' must be a list of cluster ids, got {p['remove_ids']!r}", where, path)
+        ids = [_as_int(i, "remove_ids", where, path) for i in p["remove_ids"]]
+        bad = [i for i in ids if not 0 <= i < p["k"]]
+        if bad:
+            raise _err(f"cluster id {bad[0]} is out of range 0..{p['k'] - 1}", where, path)
+        p["remove_ids"] = sorted(set(ids))
+    elif kind == "norm":
+        p["k_std"] = _as_float(p["k_std"], "k_std", where, path)
+    elif kind == "box":
+        if p["space"] not in ("pca", "umap"):
+            raise _err(f"'space' must be pca or umap, got {p['space']!r}", where, path)
+        if p["keep"] not in ("inside", "outside"):
+            raise _err(f"'keep' must be inside or outside, got {p['keep']!r}", where, path)
+        p["seed"] = _as_int(p["seed"], "seed", where, path)
+    return FilterSpec(kind, p)
+
+
+def _check_combine(v, where: str, path) -> str:
+    if v not in COMBINE:
+        raise _err(f"'combine' must be intersection or union, got {v!r}", where, path)
+    return v
+
+
+def parse_spec(data, source: str | os.PathLike | None = None) -> Spec:
+    """Validate a spec (already parsed YAML/dict) → Spec. Every error names the place in the spec."""
+    path = source
+    if isinstance(data, list):
+        data = {"runs": data}
+    if not isinstance(data, dict):
+        raise InputError("a filter spec is a list of runs, or a mapping with 'runs' (and 'combine')", path)
+    unknown = [k for k in data if k not in ("runs", "combine")]
+    if unknown:
+        raise InputError(f"unknown key '{unknown[0]}' at the top of the spec (known: runs, combine)", path)
+    runs = data.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise InputError("the spec lists no runs (expected 'runs: [{run: DIR, filters: [...]}, ...]')", path)
+    out = []
+    for i, r in enumerate(runs):
+        where = f"run {i + 1}"
+        if not isinstance(r, dict):
+            raise _err(f"expected a mapping with 'run' and 'filters', got {r!r}", where, path)
+        unknown = [k for k in r if k not in ("run", "filters", "combine")]
+        if unknown:
+            raise _err(f"unknown key '{unknown[0]}' (known: run, filters, combine)", where, path)
+        if not isinstance(r.get("run"), str | os.PathLike):
+            raise _err("missing 'run: DIR' (a drgn train run directory)", where, path)
+        filters = r.get("filters")
+        if not isinstance(filters, list) or not filters:
+            raise _err("missing 'filters' (a non-empty list)", where, path)
+        fs = [_check_filter(f, f"{where}, filter {j + 1}", path) for j, f in enumerate(filters)]
+        out.append(RunSpec(Path(r["run"]), fs, _check_combine(r.get("combine", "intersection"), where, path)))
+    return Spec(out, _check_combine(data.get("combine", "intersection"), "spec", path),
+                str(source) if source else None)
+
+
+def read_spec(path: str | os.PathLike) -> Spec:
+    """Read and validate a YAML filter spec file."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such filter spec file", path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"is not valid YAML ({str(e).splitlines()[0]})", path) from None
+    return parse_spec(data, path)
+
+
+# ---- applying filters -------------------------------------------------------------------------------------
+@dataclass
+class FilterResult:
+    kind: str
+    params: dict
+    removed: np.ndarray                   # bool over the run's rows
+    info: dict = field(default_factory=dict)
+    plot_labels: np.ndarray | None = None  # cluster ids for the figure (gmm, kmeans)
+
+
+def _gmm(z: np.ndarray, p: dict) -> FilterResult:
+    from sklearn.mixture import GaussianMixture
+    from threadpoolctl import threadpool_limits
+
+    if p["components"] > len(z):
+        raise InputError(f"gmm: {p['components']} components for {len(z)} particles")
+    g = GaussianMixture(n_components=p["components"], covariance_type=p["covariance"], random_state=p["seed"],
+                        n_init=1, max_iter=500, reg_covar=1e-5)
+    with threadpool_limits(1):  # one thread: the fit (and its k-means start) never depends on core count
+        labels = g.fit(z).predict(z)
+    norms = np.linalg.norm(z.astype(np.float64), axis=1)
+    counts = np.bincount(labels, minlength=p["components"])
+    mean_norm = np.array([norms[labels == c].mean() if counts[c] else -np.inf
+                          for c in range(p["components"])])
+    if "ids" in p["remove"]:
+        ids = p["remove"]["ids"]
+    else:
+        ids = sorted(np.argsort(-mean_norm, kind="stable")[:p["remove"]["n"]].tolist())
+    info = {"component_counts": counts.tolist(),
+            "component_mean_norm": [None if not np.isfinite(v) else float(v) for v in mean_norm],
+            "removed_components": [int(i) for i in ids], "converged": bool(g.converged_)}
+    return FilterResult("gmm", p, np.isin(labels, ids), info, labels)
+
+
+def _kmeans(z: np.ndarray, p: dict) -> FilterResult:
+    from drgn_core.analysis import kmeans
+
+    labels, _ = kmeans(z, p["k"], seed=p["seed"])
+    info = {"cluster_counts": np.bincount(labels, minlength=p["k"]).tolist(),
+            "removed_clusters": p["remove_ids"]}
+    return FilterResult("kmeans", p, np.isin(labels, p["remove_ids"]), info, labels)
+
+
+def _box_coords(z: np.ndarray, p: dict, run: Path) -> np.ndarray:
+    from drgn_core import analysis
+
+    if p["space"] == "pca":
+        pca = analysis.fit_pca(z)
+        return pca.transform(z)[:, :2]
+    if "umap" in p:
+        f = Path(p["umap"])
+        if not f.exists():
+            raise InputError("no such UMAP file (box filter 'umap')", f)
+        emb = np.load(f, allow_pickle=False)
+        if emb.shape != (len(z), 2):
+            raise InputError(f"has shape {emb.shape}, but run {run} has {len(z)} particles: expected "
+                             f"({len(z)}, 2) aligned with its z.npy", f)
+        return emb
+    return analysis.run_umap(z, seed=p["seed"]).embedding
+
+
+def _box(z: np.ndarray, p: dict, run: Path) -> FilterResult:
+    xy = _box_coords(z, p, run)
+    if xy.shape[1] < 2 and ("ymin" in p or "ymax" in p):
+        raise InputError(f"box filter: run {run} has a 1-D latent, so the box can only bound x (PC1)")
+    inside = np.ones(len(z), dtype=bool)
+    for b in BOX_BOUNDS:
+        if b in p:
+            col = xy[:, 0 if b[0] == "x" else 1]
+            inside &= col >= p[b] if b.endswith("min") else col <= p[b]
+    removed = ~inside if p["keep"] == "inside" else inside
+    return FilterResult("box", p, removed, {"inside": int(inside.sum())})
+
+
+def apply_filter(z: np.ndarray, f: FilterSpec, run: Path) -> FilterResult:
+    """Evaluate one validated filter on a run's latents → which rows it removes."""
+    p = f.params
+    if f.kind == "threshold":
+        if not 0 <= p["dim"] < z.shape[1]:
+            raise InputError(f"threshold filter: dim {p['dim']} is out of range for run {run} with zdim "
+                             f"{z.shape[1]} (dims are 0-based)")
+        return FilterResult("threshold", p, OPS[p["op"]](z[:, p["dim"]], p["value"]))
+    if f.kind == "gmm":
+        return _gmm(z, p)
+    if f.kind == "kmeans":
+        return _kmeans(z, p)
+    if f.kind == "norm":
+        norms = np.linalg.norm(z.astype(np.float64), axis=1)
+        cut = norms.mean() + p["k_std"] * norms.std()
+        return FilterResult("norm", p, norms > cut, {"norm_cutoff": float(cut)})
+    return _box(z, p, run)
+
+
+@dataclass
+class RunOutcome:
+    spec: RunSpec
+    indices: np.ndarray          # canonical rows of the run's z
+    z: np.ndarray
+    results: list[FilterResult]
+    removed: np.ndarray          # bool over the run's rows, filters combined
+
+    @property
+    def kept_rows(self) -> np.ndarray:
+        return np.sort(self.indices[~self.removed])
+
+
+def run_filters(rs: RunSpec) -> RunOutcome:
+    from drgn_core.analysis import load_run
+
+    run = load_run(rs.run)
+    results = [apply_filter(run.z, f, rs.run) for f in rs.filters]
+    masks = np.stack([r.removed for r in results])
+    # intersection of kept sets = union of removed sets; union of kept sets = intersection of removed sets
+    removed = masks.any(axis=0) if rs.combine == "intersection" else masks.all(axis=0)
+    return RunOutcome(rs, run.indices, run.z, results, removed)
+
+
+def combine_runs(outcomes: list[RunOutcome], how: str) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, removed) canonical rows, sorted int64, from the runs' kept sets (see module docstring)."""
+    universe = np.unique(np.concatenate([o.indices for o in outcomes]))
+    kept = outcomes[0].kept_rows
+    for o in outcomes[1:]:
+        kept = (np.intersect1d if how == "intersection" else np.union1d)(kept, o.kept_rows)
+    removed = np.setdiff1d(universe, kept, assume_unique=True)
+    return kept.astype(np.int64), removed.astype(np.int64)
+
+
+def junk_scores(removed: np.ndarray, universe: np.ndarray, junk: np.ndarray) -> dict:
+    """Precision, recall and F1 of the removed set against injected junk (DESIGN §7), over the rows
+    the runs covered. `junk` is the table's drgnGtJunk column (all rows)."""
+    is_junk = np.asarray(junk).astype(float) > 0
+    truth = set(universe[is_junk[universe]].tolist())
+    rem = set(removed.tolist())
+    tp = len(truth & rem)
+    precision = tp / len(rem) if rem else (1.0 if not truth else 0.0)
+    recall = tp / len(truth) if truth else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "true_junk": len(truth), "removed": len(rem),
+            "true_positives": tp}
+
+
+# ---- the command ------------------------------------------------------------------------------------------
+def _plot(outcomes: list[RunOutcome], kept: np.ndarray, path: Path, seed: int) -> None:
+    """One row per run: kept/removed (final decision) on its latent plot, then each clustering filter's
+    ids (so ids to remove can be read off)."""
+    from drgn_core import analysis, plots
+
+    plt = plots._pyplot()
+    ncols = 1 + max(sum(r.plot_labels is not None for r in o.results) for o in outcomes)
+    fig, axes = plt.subplots(len(outcomes), ncols, figsize=(5.2 * ncols, 4.4 * len(outcomes)), squeeze=False)
+    kept_set = np.zeros(int(max(o.indices.max() for o in outcomes)) + 1, dtype=bool)
+    kept_set[kept] = True
+    for r, o in enumerate(outcomes):
+        status = kept_set[o.indices]
+        ax = axes[r, 0]
+        title = f"{o.spec.run.name}: kept {int(status.sum())}, removed {int((~status).sum())}"
+        if o.z.shape[1] == 1:
+            bins = np.histogram_bin_edges(o.z[:, 0], bins=100)
+            ax.hist([o.z[status, 0], o.z[~status, 0]], bins=bins, stacked=True, label=["kept", "removed"],
+                    color=["tab:blue", "tab:red"])
+            ax.set_xlabel("z")
+            xy = None
+        else:
+            xy = o.z if o.z.shape[1] == 2 else analysis.fit_pca(o.z).transform(o.z)[:, :2]
+            sel = plots.subsample(len(xy), seed=seed)
+            for m, c, lab in ((status[sel], "tab:blue", "kept"), (~status[sel], "tab:red", "removed")):
+                ax.scatter(xy[sel][m, 0], xy[sel][m, 1], s=2, color=c, label=lab, linewidths=0,
+                           rasterized=True)
+            ax.set_xlabel("z1" if o.z.shape[1] == 2 else "PC1")
+            ax.set_ylabel("z2" if o.z.shape[1] == 2 else "PC2")
+        ax.legend(markerscale=4)
+        ax.set_title(title, fontsize=9)
+        col = 1
+        for res in o.results:
+            if res.plot_labels is None:
+                continue
+            ax = axes[r, col]
+            col += 1
+            if xy is None:
+                vals = np.unique(res.plot_labels)
+                ax.hist([o.z[res.plot_labels == v, 0] for v in vals], bins=100, stacked=True,
+                        label=[str(v) for v in vals])
+                ax.set_xlabel("z")
+            else:
+                sel = plots.subsample(len(xy), seed=seed)
+                cmap = plt.get_cmap("tab20")
+                for v in np.unique(res.plot_labels):
+                    m = res.plot_labels[sel] == v
+                    ax.scatter(xy[sel][m, 0], xy[sel][m, 1], s=2, color=cmap(int(v) % 20), linewidths=0,
+                               rasterized=True)
+                    cx, cy = np.median(xy[res.plot_labels == v], axis=0)
+                    ax.annotate(str(v), (cx, cy), weight="bold", ha="center")
+            gone = res.info.get("removed_components", res.params.get("remove_ids"))
+            ax.set_title(f"{res.kind} ids (removed: {gone})", fontsize=9)
+        for c in range(col, ncols):
+            axes[r, c].axis("off")
+    plots.save(fig, path)
+
+
+def run_filter_spec(spec: Spec, outdir: str | os.PathLike, table_path: str | os.PathLike | None = None,
+                    plot_seed: int = 0) -> dict:
+    """Apply a validated spec and write kept/removed indices, filter.json and filter.png atomically."""
+    from drgn_core.io.atomic import atomic_dir
+
+    outdir = Path(outdir)
+    for rs in spec.runs:
+        rr, oo = rs.run.resolve(), outdir.resolve()
+        if rr == oo or oo in rr.parents:
+            raise InputError(f"output folder would replace the input run {rs.run}; choose another", outdir)
+    outcomes = [run_filters(rs) for rs in spec.runs]
+    kept, removed = combine_runs(outcomes, spec.combine)
+    universe = np.union1d(kept, removed)
+    report: dict = {"spec": spec.to_dict(), "spec_file": spec.source, "runs": [], "combined": {
+        "how": spec.combine, "particles": len(universe), "kept": len(kept),
+        "removed": len(removed)}}
+    for o in outcomes:
+        report["runs"].append({
+            "run": str(o.spec.run), "particles": len(o.indices), "zdim": int(o.z.shape[1]),
+            "combine": o.spec.combine,
+            "filters": [{"filter": r.kind, "params": r.params, "removed": int(r.removed.sum()), **r.info}
+                        for r in o.results],
+            "removed": int(o.removed.sum()), "kept": int((~o.removed).sum())})
+    if table_path is not None:
+        from drgn_core.io.table import read_table
+
+        table = read_table(table_path)
+        if len(universe) and universe.max() >= len(table):
+            raise InputError(f"has {len(table)} rows but the runs use row {int(universe.max())}: is it the "
+                             "table the runs were trained from?", table_path)
+        report["ground_truth"] = {"table": str(table_path),
+                                  **junk_scores(removed, universe, table.gt("drgnGtJunk"))}
+    with atomic_dir(outdir) as tmp:
+        for name, rows in (("kept", kept), ("removed", removed)):
+            np.save(tmp / f"{name}.npy", rows.astype(np.int64))
+            np.savetxt(tmp / f"{name}.txt", rows, fmt="%d")
+        with open(tmp / "filter.json", "w") as f:
+            json.dump(report, f, indent=1)
+        _plot(outcomes, kept, tmp / "filter.png", plot_seed)
+    return report

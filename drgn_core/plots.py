@@ -1,0 +1,194 @@
+"""Latent-space plots shared by analyze, filter, traverse and evaluate.
+
+Every figure is drawn with matplotlib's non-interactive 'Agg' backend (the commands run on cluster nodes
+with no display) and written atomically as PNG. Scatter plots of a million points are slow to draw and
+unreadable anyway, so scatters draw a seeded random subsample of at most `MAX_SCATTER` points while
+hexbins, histograms and marginals always use every point.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from drgn_core.io.atomic import atomic_path
+
+MAX_SCATTER = 50_000
+
+
+def _pyplot():
+    """pyplot with the Agg backend selected first (safe on headless nodes, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: str | os.PathLike) -> Path:
+    """Write `fig` as PNG atomically and close it (figures are never reused)."""
+    plt = _pyplot()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def subsample(n: int, max_points: int = MAX_SCATTER, seed: int = 0) -> np.ndarray:
+    """Sorted rows of a seeded random subsample (all rows when n <= max_points)."""
+    if n <= max_points:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+
+
+def _marginal_axes(plt, figsize=(6.4, 6.4)):
+    """A figure with a main panel and histogram panels on its top and right edges."""
+    fig = plt.figure(figsize=figsize)
+    grid = fig.add_gridspec(2, 2, width_ratios=(4, 1), height_ratios=(1, 4), wspace=0.05, hspace=0.05)
+    ax = fig.add_subplot(grid[1, 0])
+    top = fig.add_subplot(grid[0, 0], sharex=ax)
+    right = fig.add_subplot(grid[1, 1], sharey=ax)
+    top.tick_params(labelbottom=False, labelleft=False)   # marginals show shape; counts would clutter
+    right.tick_params(labelleft=False, labelbottom=False)
+    return fig, ax, top, right
+
+
+def _annotate(ax, points: np.ndarray | None, labels: Sequence[str] | None) -> None:
+    """Mark special points (k-means centres, anchors) with black dots and their labels."""
+    if points is None or len(points) == 0:
+        return
+    ax.scatter(points[:, 0], points[:, 1], c="k", s=18, edgecolors="w", linewidths=0.5, zorder=3)
+    for i, (x, y) in enumerate(points):
+        ax.annotate(str(labels[i]) if labels is not None else str(i), (x, y), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points", zorder=4)
+
+
+def latent_2d(xy: np.ndarray, path: str | os.PathLike, kind: str = "scatter", xlabel: str = "x",
+              ylabel: str = "y", title: str | None = None, points: np.ndarray | None = None,
+              point_labels: Sequence[str] | None = None, seed: int = 0) -> Path:
+    """Scatter or hexbin of 2-D coordinates with marginal histograms (all points in the marginals)."""
+    plt = _pyplot()
+    fig, ax, top, right = _marginal_axes(plt)
+    if kind == "hexbin":
+        hb = ax.hexbin(xy[:, 0], xy[:, 1], gridsize=60, bins="log", cmap="viridis", mincnt=1)
+        fig.colorbar(hb, ax=right, label="particles (log)", fraction=0.6)
+    else:
+        sel = subsample(len(xy), seed=seed)
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=2, alpha=0.3 if len(sel) > 5000 else 0.7, linewidths=0,
+                   rasterized=True)
+    top.hist(xy[:, 0], bins=100, color="0.4")
+    right.hist(xy[:, 1], bins=100, orientation="horizontal", color="0.4")
+    _annotate(ax, points, point_labels)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        top.set_title(title)
+    return save(fig, path)
+
+
+def histogram(values: np.ndarray, path: str | os.PathLike, xlabel: str = "z", title: str | None = None,
+              vlines: Sequence[float] | None = None, groups: dict[str, np.ndarray] | None = None) -> Path:
+    """Histogram of a 1-D latent (zdim = 1), optionally split into stacked groups (e.g. kept/removed)
+    and with dotted vertical lines at marked values (percentile points, thresholds)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    bins = np.histogram_bin_edges(values, bins=100)
+    if groups:
+        ax.hist([values[m] for m in groups.values()], bins=bins, stacked=True, label=list(groups))
+        ax.legend()
+    else:
+        ax.hist(values, bins=bins, color="0.4")
+    for v in (() if vlines is None else vlines):
+        ax.axvline(v, color="k", linestyle=":", linewidth=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("particles")
+    if title:
+        ax.set_title(title)
+    return save(fig, path)
+
+
+def explained_variance(ratio: np.ndarray, path: str | os.PathLike) -> Path:
+    """Bar chart of the PCA explained-variance ratio per component, with its running sum."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    pcs = np.arange(1, len(ratio) + 1)
+    ax.bar(pcs, ratio, color="0.5", label="per PC")
+    ax.plot(pcs, np.cumsum(ratio), "k.-", label="cumulative")
+    ax.set_xticks(pcs)
+    ax.set_xlabel("principal component")
+    ax.set_ylabel("explained variance ratio")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    return save(fig, path)
+
+
+def categories_2d(xy: np.ndarray, categories: np.ndarray, path: str | os.PathLike, xlabel: str = "x",
+                  ylabel: str = "y", title: str | None = None, names: dict | None = None,
+                  label_centres: bool = False, seed: int = 0) -> Path:
+    """Scatter coloured by a categorical value (cluster id, class label, kept/removed).
+
+    With `label_centres` each category's id is written at the median of its points, so a user can read
+    off which cluster ids to remove in a filter spec.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    sel = subsample(len(xy), seed=seed)
+    values = np.unique(categories)
+    cmap = plt.get_cmap("tab20" if len(values) > 10 else "tab10")
+    for i, v in enumerate(values):
+        m = categories[sel] == v
+        name = names.get(v, str(v)) if names else str(v)
+        ax.scatter(xy[sel][m, 0], xy[sel][m, 1], s=3, color=cmap(i % cmap.N), linewidths=0,
+                   label=f"{name} ({int(np.sum(categories == v))})", rasterized=True)
+        if label_centres and np.any(categories == v):
+            cx, cy = np.median(xy[categories == v], axis=0)
+            ax.annotate(name, (cx, cy), fontsize=9, weight="bold", ha="center", va="center")
+    if len(values) <= 20:
+        ax.legend(markerscale=4, fontsize=7, loc="best")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    return save(fig, path)
+
+
+def path_2d(xy: np.ndarray, path_xy: np.ndarray, path: str | os.PathLike, xlabel: str = "x",
+            ylabel: str = "y", anchors_xy: np.ndarray | None = None, title: str | None = None) -> Path:
+    """A trajectory (graph path, PC line) drawn over the hexbin density of all particles."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    if len(xy):
+        ax.hexbin(xy[:, 0], xy[:, 1], gridsize=60, bins="log", cmap="Greys", mincnt=1)
+    ax.plot(path_xy[:, 0], path_xy[:, 1], "-", color="tab:red", linewidth=1.2)
+    ax.scatter(path_xy[:, 0], path_xy[:, 1], c=np.arange(len(path_xy)), cmap="viridis", s=12, zorder=3)
+    if anchors_xy is not None:
+        _annotate(ax, anchors_xy, [f"A{i}" for i in range(len(anchors_xy))])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    return save(fig, path)
+
+
+def curves(x: np.ndarray, ys: np.ndarray, path: str | os.PathLike, xlabel: str, ylabel: str,
+           hlines: Sequence[float] = (), title: str | None = None) -> Path:
+    """Many curves on one axis (per-image FSC curves), with their mean in black and dotted levels."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for y in ys:
+        ax.plot(x, y, color="tab:blue", alpha=0.25, linewidth=0.8)
+    if len(ys):
+        ax.plot(x, np.mean(ys, axis=0), color="k", linewidth=1.6, label="mean")
+        ax.legend()
+    for h in hlines:
+        ax.axhline(h, color="k", linestyle=":", linewidth=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    return save(fig, path)

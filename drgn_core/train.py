@@ -1,0 +1,501 @@
+"""Training a cryoDRGN model on one dataset: one readable loop, resumable bit for bit on the CPU.
+
+    drgn train table.star particles.64.mrcs -o run --zdim 10 --epochs 20
+
+reads top to bottom as: options → inputs (table, stack, rows, validation split) → device and precision →
+normalisation → model, optimizer, random generator → resume → the loop (train batches, checkpoints,
+validation, log line) → final outputs (latents for every row, model.pt, log, plot).
+
+Reproducibility. Each epoch's order is a function of (seed, epoch) (`ParticleData.epoch_order`); the only
+other randomness, the VAE's reparameterisation noise, comes from one torch.Generator whose state goes into
+every checkpoint with the weights, Adam's moments, the position within the epoch and the epoch's running
+sums. A run killed at any moment and resumed from its last checkpoint therefore ends, on the CPU with the
+same thread count, with exactly the weights of an uninterrupted run.
+
+Run directory (docs/architecture.md): config.yaml, checkpoints/last.pt, then at the end model.pt, z.npy,
+z_logvar.npy, indices.npy (+ .txt), val_indices.npy, train_log.csv, learning_curve.png. model.pt is written
+last but one, so its presence marks a finished run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from drgn_core import __version__
+from drgn_core.data import ParticleData, estimate_norm_scale, open_particles
+from drgn_core.errors import DrgnError, InputError
+from drgn_core.io.atomic import atomic_path
+from drgn_core.io.table import read_table
+from drgn_core.models import (
+    HalfLattice,
+    HetVAE,
+    ModelConfig,
+    image_mse,
+    model_payload,
+    vae_loss,
+)
+
+CHECKPOINT_FORMAT = "drgnflow-checkpoint/1"
+# Options a resumed run may change: they alter speed or bookkeeping, not the optimisation itself.
+RESUMABLE = {"epochs", "device", "threads", "checkpoint_every", "checkpoint_minutes", "data_mode", "chunk",
+             "encode_every"}
+MODEL_OPTIONS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_type", "pe_dim", "feat_sigma",
+                 "enc_mask")
+
+
+@dataclass
+class TrainConfig:
+    """Training hyperparameters and run settings (paper defaults: Adam, lr 1e-4, batch 8)."""
+
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 1e-4
+    beta: float | None = None         # KL weight; None → 1/zdim
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    precision: str = "auto"           # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16
+    threads: int = 0                  # torch CPU threads; 0 = torch's default
+    val_frac: float = 0.1             # held-out fraction, validation loss reported per epoch
+    checkpoint_every: int = 1         # epochs between checkpoints
+    checkpoint_minutes: float = 30.0  # also checkpoint mid-epoch after this long (0: never)
+    data_mode: str = "auto"           # auto | memory | stream
+    chunk: int = 4096                 # images per streamed chunk
+    encode_every: int = 0             # also write checkpoints/z.EEE.npy every N epochs (0: only at the end)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ---- small helpers ------------------------------------------------------------------------------------
+def sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def log(msg: str) -> None:
+    tqdm.write(msg, file=sys.stderr)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DrgnError(f"--device {name}: no CUDA GPU is available (use --device cpu or auto)")
+    return dev
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for plain fp32. bf16 is the GPU default; on the CPU it is opt-in."""
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def read_index_file(path: str | os.PathLike, n_table: int) -> np.ndarray:
+    """int64 table rows from an index file (.npy, or .txt with one row per line), in the file's order."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError("no such index file", p)
+    try:
+        idx = np.load(p, allow_pickle=False) if p.suffix == ".npy" else np.loadtxt(p, dtype=np.int64, ndmin=1)
+    except (ValueError, OSError) as e:
+        raise InputError(f"cannot read as an index file ({type(e).__name__}: {e})", p) from None
+    idx = np.asarray(idx)
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+        raise InputError(f"must hold a 1-D list of integer table rows, not {idx.dtype} {idx.shape}", p)
+    if len(idx) == 0:
+        raise InputError("is empty: no particles selected", p)
+    if idx.min() < 0 or idx.max() >= n_table:
+        raise InputError(f"holds rows {idx.min()}..{idx.max()} but the table has {n_table} rows "
+                         "(indices are 0-based rows of the canonical table)", p)
+    return idx.astype(np.int64)
+
+
+def load_rows(ind_path: str | os.PathLike | None, n_table: int) -> np.ndarray:
+    """Sorted canonical table rows to train on: all rows, or those listed in an index file (no repeats)."""
+    if ind_path is None:
+        return np.arange(n_table, dtype=np.int64)
+    idx = read_index_file(ind_path, n_table)
+    if len(np.unique(idx)) != len(idx):
+        raise InputError("lists some rows more than once", ind_path)
+    return np.sort(idx)
+
+
+def split_validation(n: int, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train positions, validation positions), both sorted, from a permutation seeded by `seed`."""
+    if not 0.0 <= val_frac < 1.0:
+        raise DrgnError(f"--val-frac must be in [0, 1), got {val_frac}")
+    perm = np.random.default_rng([seed, 0x7A1]).permutation(n)
+    n_val = round(val_frac * n)
+    if n - n_val < 1:
+        raise DrgnError(f"only {n} particles: nothing left to train on after the validation split")
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _refuse_conflicts(stored: dict, given: dict, run: Path) -> None:
+    bad = [f"{k} = {given[k]!r} (the run has {stored.get(k)!r})" for k in given
+           if k not in RESUMABLE and k in stored and given[k] != stored[k]]
+    if bad:
+        raise DrgnError(f"{run}: cannot resume with different settings: " + "; ".join(bad))
+
+
+# ---- one batch ----------------------------------------------------------------------------------------
+def batch_loss(model: HetVAE, batch, beta: float, amp: torch.dtype | None, gen: torch.Generator | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, mean MSE, mean KL) of one batch; samples z from q(z | image) when `gen` is given, else z = μ."""
+    dev = batch.y.device
+    with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        mu = logvar = z = None
+        if model.zdim > 0:
+            mu, logvar = model.encode(batch.y, batch.ctf)                      # (B, zdim) each
+            z = mu
+            if gen is not None:
+                eps = torch.randn(mu.shape, generator=gen, device=dev)
+                z = mu + eps * torch.exp(0.5 * logvar)
+        pred = model.slice(batch.A, z) * batch.ctf[..., None]                 # (B, P, 2)
+    mse = image_mse(pred, batch.y, model.weights, model.lattice.n_full)       # (B,)
+    loss, kl = vae_loss(mse, mu, logvar, beta, model.lattice.n_full)
+    return loss, mse.mean(), kl
+
+
+@torch.no_grad()
+def evaluate(model: HetVAE, data: ParticleData, positions: np.ndarray, beta: float, amp: torch.dtype | None,
+             batch_size: int = 64) -> dict[str, float]:
+    """Mean loss, MSE and KL over `positions` at z = μ (deterministic, uses no random numbers)."""
+    if not len(positions):
+        return {"loss": math.nan, "mse": math.nan, "kl": math.nan}
+    was = model.training
+    model.eval()
+    sums = np.zeros(3)
+    for b in data.batches(positions, batch_size):
+        loss, mse, kl = batch_loss(model, b, beta, amp, None)
+        sums += len(b.pos) * np.array([loss.item(), mse.item(), kl.item()])
+    model.train(was)
+    return {k: float(v) for k, v in zip(("loss", "mse", "kl"), sums / len(positions))}
+
+
+@torch.no_grad()
+def encode_latents(model: HetVAE, data: ParticleData, amp: torch.dtype | None = None, batch_size: int = 256,
+                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior means and log-variances (N, zdim) float32 for every row of `data`, in row order."""
+    n, zdim = data.n, model.zdim
+    mu_all = np.zeros((n, zdim), dtype=np.float32)
+    lv_all = np.zeros((n, zdim), dtype=np.float32)
+    if zdim == 0:
+        return mu_all, lv_all
+    was = model.training
+    model.eval()
+    bar = tqdm(total=n, desc="encoding", unit="img", disable=not progress, mininterval=1.0, file=sys.stderr)
+    for b in data.batches(np.arange(n), batch_size):
+        with torch.autocast(b.y.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            mu, lv = model.encode(b.y, b.ctf)
+        idx = b.pos.numpy()
+        mu_all[idx], lv_all[idx] = mu.float().cpu().numpy(), lv.float().cpu().numpy()
+        bar.update(len(idx))
+    bar.close()
+    model.train(was)
+    return mu_all, lv_all
+
+
+# ---- outputs ------------------------------------------------------------------------------------------
+def save_npy(path: Path, arr: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+
+
+def save_indices(path: Path, idx: np.ndarray) -> None:
+    """An index file and its .txt twin (DESIGN §3: 0-based canonical table rows)."""
+    save_npy(path, idx.astype(np.int64))
+    with atomic_path(path.with_suffix(".txt")) as tmp:
+        np.savetxt(tmp, idx.astype(np.int64), fmt="%d")
+
+
+LOG_COLUMNS = ("epoch", "loss", "mse", "kl", "val_loss", "val_mse", "val_kl", "images_per_s", "seconds",
+               "peak_mem_MiB")
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch on a GPU; peak resident memory of this process on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(",".join(LOG_COLUMNS) + "\n")
+            for r in rows:
+                cells = [f"{r[c]:d}" if c == "epoch" else f"{r.get(c, math.nan):.6g}" for c in LOG_COLUMNS]
+                f.write(",".join(cells) + "\n")
+
+
+def plot_learning_curve(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    ax.plot(ep, [r["loss"] for r in rows], "o-", label="training loss")
+    if rows and not math.isnan(rows[0]["val_loss"]):
+        ax.plot(ep, [r["val_loss"] for r in rows], "s-", label="validation loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (MSE + β·KL/N_pixels)")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def write_config(path: Path, cfg: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def read_run_config(run: Path) -> dict:
+    f = run / "config.yaml"
+    if not f.exists():
+        raise InputError("has no config.yaml: not a drgn train run directory", run)
+    try:
+        return yaml.safe_load(f.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"unreadable run configuration ({e})", f) from None
+
+
+@dataclass
+class Progress:
+    """Where training stands: restored from, and saved into, checkpoints."""
+
+    epoch: int = 0                       # epoch in progress (0-based); == epochs when training is done
+    step: int = 0                        # batches of that epoch already done
+    sums: list[float] = field(default_factory=lambda: [0.0] * 4)  # loss·B, mse·B, kl·B, images
+    seconds: float = 0.0                 # training time of that epoch so far
+    log: list[dict] = field(default_factory=list)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, model: HetVAE, opt: torch.optim.Optimizer, gen: torch.Generator,
+                    state: Progress) -> None:
+    """Everything a resumed run needs; plain tensors and Python values so weights_only loading works."""
+    payload = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
+               "rng": gen.get_state(), "epoch": state.epoch, "step": state.step,
+               "sums": [float(x) for x in state.sums], "seconds": state.seconds, "log": state.log,
+               "model_config": model.cfg.to_dict()}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def restore_checkpoint(path: Path, model: HetVAE, opt: torch.optim.Optimizer,
+                       gen: torch.Generator) -> Progress:
+    """Load weights, optimizer moments and generator state in place; return where training stood."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"cannot load checkpoint ({type(e).__name__}: {e})", path) from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise InputError("is not a drgnflow training checkpoint", path)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    gen.set_state(ck["rng"])
+    return Progress(ck["epoch"], ck["step"], list(ck["sums"]), ck["seconds"], list(ck["log"]))
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: str | os.PathLike,
+          model_opts: dict | None = None, train_opts: dict | None = None,
+          ind_path: str | os.PathLike | None = None, resume: bool = False, progress: bool = True) -> Path:
+    """Train (or resume) a run in `outdir`; returns its path.
+
+    `model_opts` (keys of ModelConfig such as zdim, enc_dim, pe_type) and `train_opts` (keys of
+    TrainConfig) hold the options the caller set; the rest take their defaults, or on resume the run's
+    stored values (an explicit option that contradicts the run is refused, except those in RESUMABLE).
+    """
+    run = Path(outdir)
+    model_opts, train_opts = dict(model_opts or {}), dict(train_opts or {})
+    stored = read_run_config(run) if resume else None
+    if stored is not None:
+        _refuse_conflicts(stored["model"], model_opts, run)
+        _refuse_conflicts(stored["training"], train_opts, run)
+        resumable = {k: v for k, v in train_opts.items() if k in RESUMABLE}
+        tcfg = TrainConfig.from_dict({**stored["training"], **resumable})
+    else:
+        if (run / "config.yaml").exists():
+            raise DrgnError(f"{run}: already holds a training run; pass --resume to continue it, or choose "
+                            "another output directory")
+        tcfg = TrainConfig.from_dict(train_opts)
+
+    # ---- inputs
+    table = read_table(table_path)
+    source = open_particles(stack_path, table)
+    rows = load_rows(ind_path, len(table))
+    if stored is not None:
+        _check_same_inputs(stored["inputs"], table_path, stack_path, ind_path)
+    train_pos, val_pos = split_validation(len(rows), tcfg.val_frac, tcfg.seed)
+
+    # ---- device, threads, precision, model configuration
+    if tcfg.threads > 0:
+        torch.set_num_threads(tcfg.threads)
+    device = resolve_device(tcfg.device)
+    amp = resolve_precision(tcfg.precision, device)
+    lattice = HalfLattice(source.D)
+    if stored is not None:
+        mcfg = ModelConfig.from_dict(stored["model"])
+        if mcfg.D != source.D:
+            raise InputError(f"images are {source.D} px but the run was trained at D = {mcfg.D}", stack_path)
+        stored["training"] = asdict(tcfg)  # record what a resumed run may change (e.g. more epochs)
+        write_config(run / "config.yaml", stored)
+    else:
+        opts = {"zdim": 10, **{k: model_opts[k] for k in MODEL_OPTIONS if k in model_opts}}
+        if opts["zdim"] < 0:
+            raise DrgnError("--zdim must be >= 0")
+        train_rows = rows[train_pos]  # normalisation measured once, on training images only
+        scale = estimate_norm_scale(source, train_rows, table.subset(train_rows).shifts_px(source.apix),
+                                    lattice, tcfg.seed)
+        mcfg = ModelConfig(D=source.D, norm_scale=scale, apix=source.apix, **opts)
+        run.mkdir(parents=True, exist_ok=True)
+        write_config(run / "config.yaml", _run_config(mcfg, tcfg, table_path, stack_path, ind_path, source,
+                                                      len(rows), len(train_pos), len(val_pos)))
+    beta = tcfg.beta if tcfg.beta is not None else (1.0 / mcfg.zdim if mcfg.zdim else 0.0)
+
+    # ---- model, optimizer, generator; restored from the last checkpoint on resume
+    torch.manual_seed(tcfg.seed)
+    model = HetVAE(mcfg, generator=torch.Generator().manual_seed(tcfg.seed)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(tcfg.seed + 1)
+    state = Progress()
+    ck_path = run / "checkpoints" / "last.pt"
+    if resume and ck_path.exists():
+        state = restore_checkpoint(ck_path, model, opt, gen)
+        log(f"resuming {run} at epoch {state.epoch + 1}, batch {state.step}")
+
+    data = ParticleData(source, table, rows, lattice, mcfg.norm_scale, device, tcfg.data_mode, tcfg.chunk,
+                        progress)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"training on {len(train_pos)} images ({len(val_pos)} held out), D = {mcfg.D}, zdim = {mcfg.zdim}, "
+        f"{n_params:,} parameters, {device}, {'bf16' if amp else 'fp32'}, data in {data.mode}")
+
+    # ---- the loop
+    model.train()
+    while state.epoch < tcfg.epochs:
+        run_epoch(model, opt, gen, data, train_pos, tcfg, beta, amp, state, ck_path, progress)
+        val = evaluate(model, data, val_pos, beta, amp)
+        s_loss, s_mse, s_kl, n_img = state.sums
+        row = {"epoch": state.epoch + 1, "loss": s_loss / n_img, "mse": s_mse / n_img, "kl": s_kl / n_img,
+               "val_loss": val["loss"], "val_mse": val["mse"], "val_kl": val["kl"],
+               "images_per_s": n_img / max(state.seconds, 1e-9), "seconds": state.seconds,
+               "peak_mem_MiB": peak_memory_mib(device)}
+        state.log.append({k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()})  # plain types
+        log(f"epoch {row['epoch']}/{tcfg.epochs}  loss {row['loss']:.5f}  mse {row['mse']:.5f}  "
+            f"kl {row['kl']:.3f}  val {row['val_loss']:.5f}  {row['images_per_s']:.1f} img/s  "
+            f"{state.seconds:.0f} s  peak {row['peak_mem_MiB']:.0f} MiB")
+        write_log(run / "train_log.csv", state.log)
+        state.epoch, state.step, state.sums, state.seconds = state.epoch + 1, 0, [0.0] * 4, 0.0
+        done = state.epoch == tcfg.epochs
+        if tcfg.encode_every and state.epoch % tcfg.encode_every == 0 and not done:
+            mu, _ = encode_latents(model, data, amp, progress=progress)
+            save_npy(run / "checkpoints" / f"z.{state.epoch:03d}.npy", mu)
+        if state.epoch % tcfg.checkpoint_every == 0 or done:
+            save_checkpoint(ck_path, model, opt, gen, state)
+
+    # ---- final outputs; model.pt last, so that its presence means a finished run
+    mu, logvar = encode_latents(model, data, amp, progress=progress)
+    save_npy(run / "z.npy", mu)
+    save_npy(run / "z_logvar.npy", logvar)
+    save_indices(run / "indices.npy", rows)
+    save_npy(run / "val_indices.npy", rows[val_pos])
+    write_log(run / "train_log.csv", state.log)
+    plot_learning_curve(run / "learning_curve.png", state.log)
+    with atomic_path(run / "model.pt") as tmp:
+        torch.save(model_payload(model, mcfg, epochs=tcfg.epochs), tmp)
+    return run
+
+
+def run_epoch(model: HetVAE, opt: torch.optim.Optimizer, gen: torch.Generator, data: ParticleData,
+              train_pos: np.ndarray, tcfg: TrainConfig, beta: float, amp: torch.dtype | None, state: Progress,
+              ck_path: Path, progress: bool) -> None:
+    """Train the rest of epoch `state.epoch` from batch `state.step`, checkpointing mid-epoch on a timer."""
+    steps = math.ceil(len(train_pos) / tcfg.batch_size)
+    order = data.epoch_order(train_pos, tcfg.seed, state.epoch)
+    # running sums loss·B, mse·B, kl·B stay on the device (no host sync per step); images on the host
+    acc = torch.tensor(state.sums[:3], dtype=torch.float64, device=data.device)
+    n_img = state.sums[3]
+    bar = tqdm(total=steps, initial=state.step, desc=f"epoch {state.epoch + 1}/{tcfg.epochs}", unit="batch",
+               disable=not progress, leave=False, mininterval=1.0, file=sys.stderr)
+    t0 = last_save = time.perf_counter()
+    seconds0 = state.seconds
+    for batch in data.batches(order, tcfg.batch_size, start=state.step * tcfg.batch_size):
+        loss, mse, kl = batch_loss(model, batch, beta, amp, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        b = len(batch.pos)
+        acc += torch.stack([loss.detach(), mse.detach(), kl.detach()]).double() * b
+        n_img += b
+        state.step += 1
+        bar.update(1)
+        if state.step % 50 == 0:
+            bar.set_postfix(loss=f"{acc[0].item() / n_img:.4f}", refresh=False)
+        now = time.perf_counter()
+        if 0 < tcfg.checkpoint_minutes * 60 < now - last_save and state.step < steps:
+            state.sums, state.seconds = [*acc.tolist(), n_img], seconds0 + now - t0
+            save_checkpoint(ck_path, model, opt, gen, state)
+            last_save = now
+    bar.close()
+    state.sums, state.seconds = [*acc.tolist(), n_img], seconds0 + time.perf_counter() - t0
+
+
+def _run_config(mcfg: ModelConfig, tcfg: TrainConfig, table_path, stack_path, ind_path, source,
+                n: int, n_train: int, n_val: int) -> dict:
+    """config.yaml: every hyperparameter, the inputs with their checksums, and the software versions."""
+    return {
+        "model": mcfg.to_dict(),
+        "training": asdict(tcfg),
+        "inputs": {"table": str(Path(table_path).resolve()), "stack": str(Path(stack_path).resolve()),
+                   "ind": str(Path(ind_path).resolve()) if ind_path else None,
+                   "table_sha256": sha256(table_path), "stack_sha256": sha256(stack_path),
+                   "ind_sha256": sha256(ind_path) if ind_path else None,
+                   "n_particles": n, "n_train": n_train, "n_val": n_val, "D": source.D, "apix": source.apix},
+        "versions": {"drgnflow": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+
+
+def _check_same_inputs(stored: dict, table_path, stack_path, ind_path) -> None:
+    """A resumed run must see the same data: compare the inputs' checksums with the recorded ones."""
+    for key, p in (("table", table_path), ("stack", stack_path), ("ind", ind_path)):
+        want, have = stored.get(f"{key}_sha256"), (sha256(p) if p else None)
+        if want != have:
+            raise DrgnError(f"{p or 'no --ind'}: the run started with {key} {stored.get(key)} (different "
+                            "content); a resumed run must use the same data")

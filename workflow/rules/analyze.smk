@@ -1,0 +1,32 @@
+# Stage 5: latent-space analysis of the high-res run: PCA, UMAP, k-means on-data centres decoded to
+# volumes, and volumes along the first principal components.
+
+
+rule analyze_highres:
+    input:
+        **get_run_outputs(HIGHRES),
+    output:
+        outdir=report(
+            directory(f"{R}/highres/analyze"),
+            patterns=["{name}.png"],
+            caption="../report/analyze.rst",
+            category="4. Latent space",
+            labels={"figure": "{name}"},
+        ),
+    log:
+        "logs/analyze/analyze.log",
+    benchmark:
+        "benchmarks/analyze/analyze.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: get_threads("analyze")
+    resources:
+        **get_resources("analyze"),
+    params:
+        run=folder_of_input("model"),
+        a=config["analyze"],
+        device=config["device"],
+        version=DRGN_VERSION,
+    shell:
+        "drgn analyze {params.run} -o {output.outdir} --ksample {params.a[ksample]} --pc {params.a[pc]} "
+        "--seed {params.a[seed]} --device {params.device} {params.a[extra]} > {log} 2>&1"

@@ -1,0 +1,40 @@
+# Stage 4: the final model, trained on the particles the filter kept (their canonical rows, --ind), at a
+# larger box and with larger networks, holding out a random fraction for the validation loss.
+
+
+rule train_highres:
+    input:
+        table=TABLE,
+        stack=get_stack(HIGH_D),
+        kept=f"{FILTER}/kept.npy",
+    output:
+        **get_run_outputs(HIGHRES),
+        curve=report(
+            f"{HIGHRES}/learning_curve.png",
+            caption="../report/highres_curve.rst",
+            category="3. High-resolution training",
+            labels={"figure": "learning curve"},
+        ),
+    log:
+        "logs/highres/train.log",
+    benchmark:
+        "benchmarks/highres/train.tsv"
+    conda:
+        "../../envs/gpu.yaml"
+    threads: get_threads("highres")
+    resources:
+        **get_resources("highres"),
+    params:
+        run=folder_of_output("model"),
+        zdim=config["highres"]["zdim"],
+        t=config["highres"]["train"],
+        val_frac=config["highres"]["val_frac"],
+        device=config["device"],
+        version=DRGN_VERSION,
+    shell:
+        "drgn train {input.table} {input.stack} -o {params.run} --zdim {params.zdim} --ind {input.kept} "
+        "--epochs {params.t[epochs]} --enc-dim {params.t[enc_dim]} --enc-layers {params.t[enc_layers]} "
+        "--dec-dim {params.t[dec_dim]} --dec-layers {params.t[dec_layers]} "
+        "--batch-size {params.t[batch_size]} --lr {params.t[lr]} --seed {params.t[seed]} "
+        "--val-frac {params.val_frac} --device {params.device} --threads {threads} "
+        "{params.t[extra]} > {log} 2>&1"
