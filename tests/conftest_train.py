@@ -98,15 +98,25 @@ class Dataset:
 
 
 def render(outdir: Path, n: int, D: int, kind: str = "none", snr: float = 1.0, apix: float = 5.0,
-           seed: int = 0, n_bins: int = 20, max_shift: float = 2.0) -> Dataset:
+           seed: int = 0, n_bins: int = 20, max_shift: float = 2.0, phantom: str = "blobs") -> Dataset:
     """Write table.star + particles.mrcs (box D, at the table's own pixel size, no sidecar).
 
     kind: 'none' (one object), 'continuous' (hinge, c uniform in [0, 1], 1.5 rad range, rendered from
     n_bins maps like the paper), 'compositional' (3 states: core, core+A, core+A+B; populations .2/.3/.5).
+    phantom: 'blobs' (random blobs drawn from `seed`: a body, an arm, a lump) or 'fixed' (`parts`).
     """
     outdir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    core, arm, extra, pivot = parts(D)
+    if phantom == "blobs":
+        r = D / 12
+        core = make_object(rng, 10, r, offset=(-r, 0, 0))
+        arm = make_object(rng, 6, r * 0.6, offset=(2.0 * r, 0, 0))
+        extra = make_object(rng, 5, r * 0.5, offset=(0, 2.0 * r, r))
+        pivot, axis = np.array([0.5 * r, 0, 0]), (0.0, 1.0, 0.0)
+        angles = 1.5 * (np.arange(n_bins) + 0.5) / n_bins
+    else:
+        core, arm, extra, pivot = parts(D)
+        axis, angles = HINGE_AXIS, 1.5 * ((np.arange(n_bins) + 0.5) / n_bins - 0.5)
     if kind == "none":
         objects = [concat(core, arm)]
         vol_id = np.zeros(n, dtype=int)
@@ -115,8 +125,7 @@ def render(outdir: Path, n: int, D: int, kind: str = "none", snr: float = 1.0, a
     elif kind == "continuous":
         coord = rng.uniform(0, 1, n)
         vol_id = np.minimum((coord * n_bins).astype(int), n_bins - 1)
-        objects = [hinge(core, arm, 1.5 * ((b + 0.5) / n_bins - 0.5), axis=HINGE_AXIS, pivot=pivot)
-                   for b in range(n_bins)]
+        objects = [hinge(core, arm, a, axis=axis, pivot=pivot) for a in angles]
         state = np.zeros(n, dtype=int)
     elif kind == "compositional":
         state = rng.choice(3, size=n, p=[0.2, 0.3, 0.5])

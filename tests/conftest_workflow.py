@@ -65,9 +65,13 @@ def snakemake_cmd(workdir: Path, configfile: Path | None, *args: str) -> list[st
 
 def run_snakemake(workdir: Path, configfile: Path | None, *args: str, timeout: float = 900,
                   check: bool = True) -> subprocess.CompletedProcess:
-    """Run snakemake; with check=True a failure raises with the tail of its output and of the job logs."""
-    proc = subprocess.run(snakemake_cmd(workdir, configfile, *args), cwd=workdir, env=env(),
-                          capture_output=True, text=True, timeout=timeout)
+    """Run snakemake; with check=True a failure raises with the tail of its output and of the job logs.
+
+    `timeout -s INT` stops an overdue run the way a user's Ctrl-C would: Snakemake then stops its jobs
+    (a SIGKILL would leave them running).
+    """
+    cmd = ["timeout", "-s", "INT", "-k", "30", str(int(timeout)), *snakemake_cmd(workdir, configfile, *args)]
+    proc = subprocess.run(cmd, cwd=workdir, env=env(), capture_output=True, text=True, timeout=timeout + 60)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{(proc.stdout + proc.stderr)[-6000:]}\n{job_logs(workdir)}")

