@@ -182,11 +182,12 @@ class FourierDecoder(nn.Module):
         n_feat = 2 * omega.shape[1]
         self.mlp = ResidMLP(n_feat, cfg.dec_layers, cfg.dec_dim, 2)
         self.z_in = nn.Linear(cfg.zdim, cfg.dec_dim, bias=False) if cfg.zdim > 0 else None
-        # initialise as one Linear(n_feat + zdim → h) would be (PyTorch's U(±1/√fan_in)): a separate z layer
-        # would otherwise start with weights ~√(n_feat) times larger and flood the decoder with prior noise
+        # initialise as one Linear(n_feat + zdim → h) would be (PyTorch's U(±1/√fan_in)), i.e. as cryoDRGN's
+        # concatenated input: on its own, the z layer would start with weights √((n_feat + zdim)/zdim) times
+        # larger and flood the untrained decoder with the prior's noise
         bound = 1.0 / math.sqrt(n_feat + cfg.zdim)
-        first = [self.mlp.inp.weight, self.mlp.inp.bias] + ([self.z_in.weight] if self.z_in is not None else [])
-        for p in first:
+        first = [self.mlp.inp.weight, self.mlp.inp.bias]
+        for p in first + ([self.z_in.weight] if self.z_in is not None else []):
             nn.init.uniform_(p, -bound, bound)
 
     def encode_positions(self, q: torch.Tensor) -> torch.Tensor:
