@@ -33,68 +33,10 @@ import numpy as np
 
 from drgn_core.errors import InputError
 from drgn_core.io.atomic import atomic_path, refuse_overwrite_input
+from drgn_core.io.indices import write_index_files
 from drgn_core.io.table import ParticleTable
 
 CSG_VERSION = "v4.6.0"  # the cryoSPARC release whose .csg layout we write (DESIGN §3)
-
-
-# ---- index files -----------------------------------------------------------------------------------
-def read_index_file(path: str | os.PathLike, n_rows: int | None = None) -> np.ndarray:
-    """Read an index file (.npy of integers, or a .txt of integers) of 0-based canonical table rows.
-
-    Refuses anything that is not a non-empty 1-D set of distinct integers within [0, n_rows): floats,
-    booleans, pickled objects, duplicates and out-of-range rows each get a one-line message naming the file.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise InputError("no such index file", path)
-    if path.suffix == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except ValueError as e:
-            raise InputError(f"cannot read as a numeric .npy index file ({e})", path) from None
-        except OSError as e:
-            raise InputError(f"cannot read as a .npy file ({e})", path) from None
-    else:
-        tokens = path.read_text().split()
-        try:
-            arr = np.array([int(t) for t in tokens], dtype=np.int64)
-        except ValueError:
-            bad = next(t for t in tokens if not re.fullmatch(r"[+-]?\d+", t))
-            raise InputError(f"holds {bad!r}, not an integer row index (one 0-based table row per line)",
-                             path) from None
-    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
-        raise InputError(f"holds {arr.dtype} values; expected integer row indices (0-based rows of the "
-                         "canonical table)", path)
-    if arr.ndim != 1:
-        if arr.ndim == 2 and 1 in arr.shape:
-            arr = arr.ravel()
-        else:
-            raise InputError(f"holds an array of shape {arr.shape}; expected a 1-D list of row indices", path)
-    arr = arr.astype(np.int64)
-    if arr.size == 0:
-        raise InputError("holds no indices; nothing to select", path)
-    if n_rows is not None and (arr.min() < 0 or arr.max() >= n_rows):
-        bad = arr[(arr < 0) | (arr >= n_rows)]
-        more = f"; {bad.size} indices are out of range" if bad.size > 1 else ""
-        raise InputError(f"index {int(bad[0])} is out of range: the table has {n_rows} rows "
-                         f"(0 … {n_rows - 1}){more}", path)
-    uniq, counts = np.unique(arr, return_counts=True)
-    if (counts > 1).any():
-        raise InputError(f"index {int(uniq[counts > 1][0])} appears {int(counts.max())} times; "
-                         "each row may be selected once", path)
-    return arr
-
-
-def write_index_files(indices: np.ndarray, npy_path: str | os.PathLike) -> None:
-    """Write `indices` as int64 .npy and its .txt twin (one row per line), atomically."""
-    npy_path = Path(npy_path)
-    idx = np.asarray(indices, dtype=np.int64)
-    with atomic_path(npy_path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, idx, allow_pickle=False)
-    with atomic_path(npy_path.with_suffix(".txt")) as tmp:
-        tmp.write_text("".join(f"{i}\n" for i in idx))
 
 
 # ---- RELION STAR row subsets -------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from drgn_core import __version__
 from drgn_core.data import ParticleData, estimate_norm_scale, open_particles
 from drgn_core.errors import DrgnError, InputError
 from drgn_core.io.atomic import atomic_path
+from drgn_core.io.indices import read_index_file, write_index_files
 from drgn_core.io.table import read_table
 from drgn_core.models import (
     HalfLattice,
@@ -114,34 +115,11 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def read_index_file(path: str | os.PathLike, n_table: int) -> np.ndarray:
-    """int64 table rows from an index file (.npy, or .txt with one row per line), in the file's order."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError("no such index file", p)
-    try:
-        idx = np.load(p, allow_pickle=False) if p.suffix == ".npy" else np.loadtxt(p, dtype=np.int64, ndmin=1)
-    except (ValueError, OSError) as e:
-        raise InputError(f"cannot read as an index file ({type(e).__name__}: {e})", p) from None
-    idx = np.asarray(idx)
-    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-        raise InputError(f"must hold a 1-D list of integer table rows, not {idx.dtype} {idx.shape}", p)
-    if len(idx) == 0:
-        raise InputError("is empty: no particles selected", p)
-    if idx.min() < 0 or idx.max() >= n_table:
-        raise InputError(f"holds rows {idx.min()}..{idx.max()} but the table has {n_table} rows "
-                         "(indices are 0-based rows of the canonical table)", p)
-    return idx.astype(np.int64)
-
-
 def load_rows(ind_path: str | os.PathLike | None, n_table: int) -> np.ndarray:
     """Sorted canonical table rows to train on: all rows, or those listed in an index file (no repeats)."""
     if ind_path is None:
         return np.arange(n_table, dtype=np.int64)
-    idx = read_index_file(ind_path, n_table)
-    if len(np.unique(idx)) != len(idx):
-        raise InputError("lists some rows more than once", ind_path)
-    return np.sort(idx)
+    return np.sort(read_index_file(ind_path, n_table))
 
 
 def split_validation(n: int, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -229,9 +207,7 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
 
 def save_indices(path: Path, idx: np.ndarray) -> None:
     """An index file and its .txt twin (DESIGN §3: 0-based canonical table rows)."""
-    save_npy(path, idx.astype(np.int64))
-    with atomic_path(path.with_suffix(".txt")) as tmp:
-        np.savetxt(tmp, idx.astype(np.int64), fmt="%d")
+    write_index_files(idx, path)
 
 
 LOG_COLUMNS = ("epoch", "loss", "mse", "kl", "val_loss", "val_mse", "val_kl", "images_per_s", "seconds",

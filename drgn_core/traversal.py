@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from drgn_core.errors import InputError
+from drgn_core.io.indices import read_index_file
 
 AVG_DEGREE = 5.0
 MAX_NEIGHBORS = 10
@@ -343,23 +344,8 @@ def map_rows(indices: np.ndarray, canonical: list[int], what: str = "anchor",
 
 
 def read_rows_file(path: str | os.PathLike) -> list[int]:
-    """Canonical rows from an index file (.npy int array, or text with one integer per line)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError("no such index file", path)
-    if path.suffix == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise InputError(f"cannot read as a numpy .npy array ({type(e).__name__}: {e})", path) from None
-        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-            raise InputError(f"expected a 1-D integer array of table rows, got shape {arr.shape} and dtype "
-                             f"{arr.dtype}", path)
-        return [int(v) for v in arr]
-    try:
-        return [int(tok) for tok in path.read_text().split()]
-    except ValueError as e:
-        raise InputError(f"expected one integer table row per line ({e})", path) from None
+    """Canonical rows, in file order, from an index file (drgn_core.io.indices rules)."""
+    return [int(v) for v in read_index_file(path)]
 
 
 # ---- the command ------------------------------------------------------------------------------------------

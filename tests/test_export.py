@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from drgn_core.cli import main
-from drgn_core.export import chimerax_series_script, read_index_file
+from drgn_core.export import chimerax_series_script
 from drgn_core.importing import import_particles
+from drgn_core.io.indices import read_index_file
 from drgn_core.io.mrc import write_mrc
 from drgn_core.io.table import read_table, write_table
 

@@ -237,9 +237,9 @@ def test_missing_run_directory(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("rows", "message"), [
-    (np.array([1, 2, 2]), "lists some rows more than once"),
-    (np.array([0, 240]), "holds rows 0..240 but the table has 240 rows"),
-    (np.array([0.5, 1.0]), "must hold a 1-D list of integer table rows"),
+    (np.array([1, 2, 2]), "index 2 appears 2 times"),
+    (np.array([0, 240]), "index 240 is out of range: the table has 240 rows"),
+    (np.array([0.5, 1.0]), "holds float64 values; expected integer row indices"),
 ])
 def test_bad_index_files(tiny, tmp_path, capsys, rows, message):
     ind = tmp_path / "ind.npy"

@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     from drgn_core.backproject import backproject_table, write_reconstruction
     from drgn_core.errors import InputError
-    from drgn_core.export import read_index_file
     from drgn_core.io.atomic import refuse_overwrite_input
+    from drgn_core.io.indices import read_index_file
     from drgn_core.io.table import read_table
 
     if args.lowpass is not None and args.lowpass <= 0:

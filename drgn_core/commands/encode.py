@@ -39,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from drgn_core.data import ParticleData, open_particles
     from drgn_core.errors import DrgnError, InputError
     from drgn_core.io.atomic import refuse_overwrite_input
+    from drgn_core.io.indices import read_index_file
     from drgn_core.io.table import read_table
     from drgn_core.models import load_model
-    from drgn_core.train import encode_latents, read_index_file, resolve_device, resolve_precision, save_npy
+    from drgn_core.train import encode_latents, resolve_device, resolve_precision, save_npy
 
     if args.batch_size < 1:
         raise DrgnError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -57,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
     if source.D != cfg.D:
         raise InputError(f"images are {source.D} px but the model was trained at D = {cfg.D}; use a stack "
                          f"downsampled to {cfg.D}", args.stack)
-    rows = np.arange(len(table)) if args.ind is None else read_index_file(args.ind, len(table))
+    if args.ind is None:
+        rows = np.arange(len(table))
+    else:  # repeated rows are allowed here: the latents come out in the order asked
+        rows = read_index_file(args.ind, len(table), allow_duplicates=True)
     order = np.argsort(rows, kind="stable")  # read the stack in row order, write in the order asked
     # one pass over the data: stream chunks rather than preparing everything first
     data = ParticleData(source, table, rows[order], model.lattice, cfg.norm_scale, device, mode="stream")

@@ -47,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from drgn_core.errors import InputError
-    from drgn_core.export import export_subset, read_index_file
+    from drgn_core.export import export_subset
     from drgn_core.io.atomic import atomic_path, refuse_overwrite_input
+    from drgn_core.io.indices import read_index_file
     from drgn_core.io.table import read_table
 
     if not 0 < args.level_percentile < 100:
