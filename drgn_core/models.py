@@ -226,6 +226,7 @@ class HetVAE(nn.Module):
         self.encoder = (ResidMLP(2 * len(enc), cfg.enc_layers, cfg.enc_dim, 2 * cfg.zdim)  # in: (Re, Im)
                         if cfg.zdim > 0 else None)
         self.decoder = FourierDecoder(cfg, generator)
+        self.trained_precision = "auto"  # set by load_model from model.pt: the arithmetic training used
 
     @property
     def zdim(self) -> int:
@@ -365,6 +366,7 @@ def model_from_payload(payload: dict, source: str | os.PathLike, device: str | t
     except RuntimeError as e:
         raise InputError(f"weights do not match the stored model configuration ({e})", source) from None
     model.to(device).eval()
+    model.trained_precision = str(payload.get("precision", "auto"))  # 'bf16' / 'fp32' from drgn train
     return model, cfg
 
 

@@ -259,3 +259,26 @@ def test_bad_options_and_wrong_box(run1, tiny, tmp_path, capsys):
     other = render(tmp_path / "d24", n=240, D=24, kind="none", seed=1)
     assert main(["encode", str(run1), str(other.table), str(other.stack), "-o", str(tmp_path / "z.npy")]) == 2
     assert "images are 24 px but the model was trained at D = 16" in capsys.readouterr().err
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch, tmp_path):
+    """'auto' is bf16 only where the CPU multiplies bf16 natively (emulated bf16 is slower than fp32), and the
+    precision a run used is stored in model.pt so that `drgn encode` reproduces its z.npy."""
+    from drgn_core import train as train_mod
+
+    cpu = torch.device("cpu")
+    assert train_mod.resolve_precision("fp32", cpu) is None
+    assert train_mod.resolve_precision("bf16", cpu) is torch.bfloat16
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
+    assert train_mod.resolve_precision("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
+    assert train_mod.resolve_precision("auto", cpu) is None
+
+
+def test_model_file_records_the_training_precision(run1):
+    from drgn_core.models import load_model
+
+    payload = torch.load(run1 / "model.pt", weights_only=True)
+    assert payload["precision"] in ("bf16", "fp32")
+    model, _ = load_model(run1 / "model.pt")
+    assert model.trained_precision == payload["precision"]

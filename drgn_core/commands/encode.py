@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logvar-out", help="also write the posterior log-variances here")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="encoder arithmetic (default: the precision the model was trained in, which "
+                        "reproduces the run's z.npy)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
 
 
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     order = np.argsort(rows, kind="stable")  # read the stack in row order, write in the order asked
     # one pass over the data: stream chunks rather than preparing everything first
     data = ParticleData(source, table, rows[order], model.lattice, cfg.norm_scale, device, mode="stream")
-    mu, logvar = encode_latents(model, data, resolve_precision("auto", device), args.batch_size)
+    precision = args.precision or model.trained_precision
+    mu, logvar = encode_latents(model, data, resolve_precision(precision, device), args.batch_size)
     out_mu, out_lv = np.empty_like(mu), np.empty_like(logvar)
     out_mu[order], out_lv[order] = mu, logvar
     save_npy(Path(args.out), out_mu)

@@ -15,7 +15,8 @@ moment continues from its last checkpoint with --resume (same command plus --res
 raised to train longer); on the CPU the result is identical to an uninterrupted run.
 
 Defaults follow the paper: Adam, learning rate 1e-4, batch 8, 256×3 encoder and decoder, Gaussian
-positional encoding (σ 0.5), β = 1/zdim. bf16 autocast is used on GPUs that support it.
+positional encoding (σ 0.5), β = 1/zdim. bf16 autocast is used where the hardware has bf16 arithmetic
+(recent GPUs; CPUs with AVX-512 BF16 or AMX): measured 2.2-3.6× faster on the CPU with the same accuracy.
 
 Example:
   drgn train table.star particles.128.mrcs -o runs/pilot --zdim 10 --epochs 50
@@ -59,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("resources")
     r.add_argument("--device", help="auto (GPU when present), cpu, cuda or cuda:N (default auto)")
     r.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                   help="auto = bf16 autocast on a GPU that supports it, fp32 otherwise (default auto)")
+                   help="auto = bf16 autocast where the GPU or CPU has native bf16, fp32 otherwise "
+                        "(default auto)")
     r.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     r.add_argument("--data-mode", choices=["auto", "memory", "stream"],
                    help="hold the prepared images in memory or stream chunks from the stack (default auto)")
