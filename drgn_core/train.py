@@ -23,6 +23,7 @@ import hashlib
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -295,12 +296,16 @@ class Progress:
 
 # ---- checkpoints --------------------------------------------------------------------------------------
 def save_checkpoint(path: Path, model: HetVAE, opt: torch.optim.Optimizer, gen: torch.Generator,
-                    state: Progress) -> None:
-    """Everything a resumed run needs; plain tensors and Python values so weights_only loading works."""
+                    state: Progress, run_config: dict | None = None) -> None:
+    """Everything a resumed run needs; plain tensors and Python values so weights_only loading works.
+
+    The run's config.yaml travels inside (`run_config`): a workflow manager deletes a killed job's declared
+    outputs, config.yaml among them, before it reruns the job, and --auto-resume rebuilds the run from here.
+    """
     payload = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
                "rng": gen.get_state(), "epoch": state.epoch, "step": state.step,
                "sums": [float(x) for x in state.sums], "seconds": state.seconds, "log": state.log,
-               "model_config": model.cfg.to_dict()}
+               "model_config": model.cfg.to_dict(), "run_config": run_config}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -323,15 +328,20 @@ def restore_checkpoint(path: Path, model: HetVAE, opt: torch.optim.Optimizer,
 # ---- the run ------------------------------------------------------------------------------------------
 def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: str | os.PathLike,
           model_opts: dict | None = None, train_opts: dict | None = None,
-          ind_path: str | os.PathLike | None = None, resume: bool = False, progress: bool = True) -> Path:
+          ind_path: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
+          auto_resume: bool = False) -> Path:
     """Train (or resume) a run in `outdir`; returns its path.
 
     `model_opts` (keys of ModelConfig such as zdim, enc_dim, pe_type) and `train_opts` (keys of
     TrainConfig) hold the options the caller set; the rest take their defaults, or on resume the run's
     stored values (an explicit option that contradicts the run is refused, except those in RESUMABLE).
+    `auto_resume` resumes when `outdir` holds a checkpoint of the same run, and otherwise starts afresh
+    (see auto_resume_possible).
     """
     run = Path(outdir)
     model_opts, train_opts = dict(model_opts or {}), dict(train_opts or {})
+    if auto_resume and not resume:
+        resume = auto_resume_possible(run, model_opts, train_opts, table_path, stack_path, ind_path)
     stored = read_run_config(run) if resume else None
     if stored is not None:
         _refuse_conflicts(stored["model"], model_opts, run)
@@ -416,7 +426,7 @@ def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: 
             mu, _ = encode_latents(model, data, amp, progress=progress)
             save_npy(run / "checkpoints" / f"z.{state.epoch:03d}.npy", mu)
         if state.epoch % tcfg.checkpoint_every == 0 or done:
-            save_checkpoint(ck_path, model, opt, gen, state)
+            save_checkpoint(ck_path, model, opt, gen, state, read_run_config(run))
 
     # ---- final outputs; model.pt last, so that its presence means a finished run
     mu, logvar = encode_latents(model, data, amp, progress=progress)
@@ -460,7 +470,7 @@ def run_epoch(model: HetVAE, opt: torch.optim.Optimizer, gen: torch.Generator, d
         now = time.perf_counter()
         if 0 < tcfg.checkpoint_minutes * 60 < now - last_save and state.step < steps:
             state.sums, state.seconds = [*acc.tolist(), n_img], seconds0 + now - t0
-            save_checkpoint(ck_path, model, opt, gen, state)
+            save_checkpoint(ck_path, model, opt, gen, state, read_run_config(ck_path.parent.parent))
             last_save = now
     bar.close()
     state.sums, state.seconds = [*acc.tolist(), n_img], seconds0 + time.perf_counter() - t0
@@ -482,6 +492,46 @@ def _run_config(mcfg: ModelConfig, tcfg: TrainConfig, table_path, stack_path, in
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
     }
+
+
+def auto_resume_possible(run: Path, model_opts: dict, train_opts: dict, table_path, stack_path,
+                         ind_path) -> bool:
+    """Whether an --auto-resume run continues from `run`/checkpoints/last.pt.
+
+    Yes when the checkpoint was written by a run with the same settings (those given here; RESUMABLE ones
+    such as epochs may differ) and the same data; config.yaml is then restored from the checkpoint if a
+    workflow manager deleted it. A checkpoint of some other run is discarded only when it is a leftover
+    (no config.yaml beside it: the outputs were already removed, as Snakemake does before a rerun); a
+    directory that still holds a complete different run is refused as without --auto-resume. The
+    checkpoint of a finished run whose outputs were removed is also discarded (a forced rerun trains
+    again), unless more epochs are now asked, which continue it.
+    """
+    ck_path = run / "checkpoints" / "last.pt"
+    if not ck_path.exists():
+        return False
+    has_config = (run / "config.yaml").exists()
+    try:
+        ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+        stored = read_run_config(run) if has_config else ck.get("run_config")
+        if not isinstance(stored, dict):
+            raise DrgnError(f"{ck_path}: the checkpoint does not record its run's settings")
+        _refuse_conflicts(stored["model"], model_opts, run)
+        _refuse_conflicts(stored["training"], train_opts, run)
+        _check_same_inputs(stored["inputs"], table_path, stack_path, ind_path)
+        wanted = train_opts.get("epochs", stored["training"]["epochs"])
+        if not has_config and ck["epoch"] >= wanted:  # a finished run whose outputs were removed: a rerun
+            raise DrgnError(f"it finished {ck['epoch']} epochs and {wanted} are asked")  # was forced
+    except Exception as e:  # unreadable, or another run's: only a leftover may be discarded
+        if has_config:
+            if isinstance(e, DrgnError):
+                raise
+            raise InputError(f"cannot read checkpoint ({type(e).__name__}: {e})", ck_path) from None
+        log(f"{run}: not resuming from the leftover checkpoint ({e}); starting afresh")
+        shutil.rmtree(run / "checkpoints")
+        return False
+    if not has_config:
+        write_config(run / "config.yaml", stored)
+    return True
 
 
 def _check_same_inputs(stored: dict, table_path, stack_path, ind_path) -> None:

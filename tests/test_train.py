@@ -282,3 +282,59 @@ def test_model_file_records_the_training_precision(run1):
     assert payload["precision"] in ("bf16", "fp32")
     model, _ = load_model(run1 / "model.pt")
     assert model.trained_precision == payload["precision"]
+
+
+RUN_OUTPUTS = ["model.pt", "z.npy", "indices.npy", "config.yaml", "train_log.csv"]  # the workflow's outputs
+
+
+def _as_snakemake_leaves_it(run: Path) -> None:
+    """Delete a run's declared workflow outputs, as Snakemake does before it reruns a job."""
+    for name in RUN_OUTPUTS:
+        (run / name).unlink(missing_ok=True)
+
+
+def test_auto_resume_continues_a_run_whose_outputs_were_deleted(run1, tiny, tmp_path, capsys):
+    """--auto-resume after a workflow manager removed the outputs of a 1-epoch run: it continues from the
+    checkpoint to 2 epochs and ends with the same weights as run1's uninterrupted 2 epochs."""
+    base = ["train", str(tiny.table), str(tiny.stack), *TINY, "--auto-resume"]
+    run = tmp_path / "run"
+    assert main([*base, "-o", str(run), "--epochs", "1"]) == 0  # no checkpoint yet: a fresh run
+    assert "resuming" not in capsys.readouterr().err
+    _as_snakemake_leaves_it(run)
+    assert main([*base, "-o", str(run), "--epochs", "2"]) == 0
+    assert "resuming" in capsys.readouterr().err
+    a, b = _state(run1), _state(run)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert yaml.safe_load((run / "config.yaml").read_text())["training"]["epochs"] == 2
+    assert list(np.genfromtxt(run / "train_log.csv", delimiter=",", names=True)["epoch"]) == [1, 2]
+
+
+def test_auto_resume_starts_afresh_on_a_leftover_of_another_run(run1, tiny, tmp_path, capsys):
+    import shutil
+
+    base = ["train", str(tiny.table), str(tiny.stack), *TINY, "--auto-resume"]
+    # a leftover checkpoint of a finished run, outputs removed (a forced rerun): trains again from scratch
+    run = tmp_path / "forced"
+    shutil.copytree(run1, run)
+    _as_snakemake_leaves_it(run)
+    assert main([*base, "-o", str(run), "--epochs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "starting afresh" in err and f"resuming {run} at" not in err
+    assert all(torch.equal(v, _state(run)[k]) for k, v in _state(run1).items())  # CPU: same weights
+
+    # a leftover of a run with other settings: discarded, the new settings train from scratch
+    other = tmp_path / "other"
+    shutil.copytree(run1, other)
+    _as_snakemake_leaves_it(other)
+    assert main([*base[:-1], "--lr", "0.01", "--auto-resume", "-o", str(other), "--epochs", "2"]) == 0
+    assert "cannot resume with different settings: lr" in capsys.readouterr().err
+    assert yaml.safe_load((other / "config.yaml").read_text())["training"]["lr"] == 0.01
+
+    # a complete run with other settings is never discarded
+    kept = tmp_path / "kept"
+    shutil.copytree(run1, kept)
+    before = (kept / "model.pt").read_bytes()
+    assert main([*base[:-1], "--lr", "0.01", "--auto-resume", "-o", str(kept), "--epochs", "2"]) == 2
+    assert "cannot resume with different settings" in capsys.readouterr().err
+    assert (kept / "model.pt").read_bytes() == before

@@ -412,27 +412,36 @@ def test_changed_filter_reruns_only_downstream(completed_run):
 
 @pytest.mark.slow
 def test_killed_highres_training_resumes_without_redoing_pilots(completed_run):
-    workdir, cfg = completed_run
+    """Kill the whole Snakemake process group during high-res training, after its first checkpoint: the run
+    is refused as incomplete, then --rerun-incomplete finishes it without redoing the pilots, and the
+    training job continues from its checkpoint (drgn train --auto-resume) instead of starting over."""
+    workdir, _ = completed_run
     pilots = sorted((workdir / "results" / "pilot").glob("z*/model.pt"))
     before = {p: p.stat().st_mtime_ns for p in pilots}
+    # frequent mid-epoch checkpoints so that one exists early; changing the options reruns train_highres
+    changed = copy.deepcopy(TINY_CONFIG)
+    changed["highres"]["train"]["extra"] = "--checkpoint-minutes 0.0005"
+    cfg = write_config(workdir, changed, "checkpointing.yaml")
     log = workdir / "logs" / "highres" / "train.log"
+    ck = workdir / "results" / "highres" / "train" / "checkpoints" / "last.pt"
     log_mtime = log.stat().st_mtime_ns
-    # rerun the high-res training and kill the whole Snakemake process group while it trains
-    proc = subprocess.Popen(snakemake_cmd(workdir, cfg, "--cores", "2", "--forcerun", "train_highres"),
+    proc = subprocess.Popen(snakemake_cmd(workdir, cfg, "--cores", "2"),
                             cwd=workdir, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if log.exists() and log.stat().st_mtime_ns != log_mtime and "training on" in log.read_text():
+            if (log.exists() and log.stat().st_mtime_ns != log_mtime and "training on" in log.read_text()
+                    and ck.exists()):
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
         else:
-            pytest.fail("high-res training did not start within 120 s")
+            pytest.fail("high-res training did not checkpoint within 120 s")
         assert proc.poll() is None, "the run ended before it could be killed"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert not (ck.parent.parent / "model.pt").exists(), "training finished before it was killed"
     # the killed Snakemake left its lock (users run --unlock too); the half-trained run is then refused as
     # incomplete, and --rerun-incomplete plans it again without the pilots
     run_snakemake(workdir, cfg, "--unlock")
@@ -441,6 +450,7 @@ def test_killed_highres_training_resumes_without_redoing_pilots(completed_run):
     jobs, out = dry_run(workdir, cfg, "--rerun-incomplete")
     assert "train_highres" in jobs and not set(jobs) & UPSTREAM_OF_FILTER, out
     run_snakemake(workdir, cfg, "--cores", "2", "--rerun-incomplete", timeout=1200)
+    assert "resuming" in log.read_text(), log.read_text()[-2000:]
     assert {p: p.stat().st_mtime_ns for p in pilots} == before
     assert dry_run(workdir, cfg)[0] == {}
 

@@ -37,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--outdir", required=True, help="run directory to write")
     p.add_argument("--ind", help="index file (.npy or .txt) of table rows to train on (default: all)")
     p.add_argument("--resume", action="store_true", help="continue the run in --outdir from its checkpoint")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="continue from --outdir's checkpoint when it holds one of this same run (same "
+                        "settings and data), else start afresh; for workflow managers that rerun a killed "
+                        "job after deleting its outputs (the workflow passes it)")
     m = p.add_argument_group("model")
     m.add_argument("--zdim", type=int, help="latent dimension; 0 = homogeneous reconstruction (default 10)")
     m.add_argument("--enc-dim", type=int, help="encoder width (default 256; paper high-res 1024)")
@@ -103,6 +107,6 @@ def run(args: argparse.Namespace) -> int:
     _validate({**model_opts, **train_opts})
     refuse_overwrite_input([args.outdir], [args.table, args.stack, args.ind])
     run_dir = train(args.table, args.stack, args.outdir, model_opts, train_opts, ind_path=args.ind,
-                    resume=args.resume)
+                    resume=args.resume, auto_resume=args.auto_resume)
     print(f"trained model written to {run_dir}/model.pt; latents in {run_dir}/z.npy")
     return 0
