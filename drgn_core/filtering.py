@@ -23,7 +23,11 @@ Filters (each names the particles it REMOVES):
 - gmm {components = 5, covariance = full, seed = 0, remove: {ids: [...]} | {rule: largest_mean_norm, n = 1}}:
   a Gaussian mixture on z; removes the listed components, or the n components whose members have the
   largest mean ‖z‖ (the paper's outlier cluster, found there "by visualizing the magnitude of the latent
-  encodings"). Component ids are the fitted model's, reported in filter.json and drawn on filter.png.
+  encodings"), or with {rule: outlying_mean_norm, factor = 2} every component whose mean ‖z‖ exceeds
+  factor × the median ‖z‖ of all particles (never the most populous component). The latter needs no count:
+  junk of several kinds forms as many far-out components as it has kinds, and that number is rarely known,
+  while a fixed n either leaves a junk component in or takes a particle component out.
+  Component ids are the fitted model's, reported in filter.json and drawn on filter.png.
 - kmeans {k = 20, seed = 0, remove_ids: [...]}: `drgn_core.analysis.kmeans`, the same clustering (same ids)
   as `drgn analyze` with the same k and seed, so ids read off an analysis can be removed here.
 - norm {k_std = 3}: ‖z‖ > mean(‖z‖) + k_std·std(‖z‖).
@@ -155,9 +159,10 @@ def _check_filter(entry, where: str, path) -> FilterSpec:
                        path)
         rm = p["remove"]
         by_ids = isinstance(rm, dict) and set(rm) == {"ids"}
-        by_rule = isinstance(rm, dict) and "rule" in rm and set(rm) <= {"rule", "n"}
+        by_rule = isinstance(rm, dict) and "rule" in rm and set(rm) <= {"rule", "n", "factor"}
         if not (by_ids or by_rule):
-            raise _err("'remove' must be {ids: [..]} or {rule: largest_mean_norm, n: 1}", where, path)
+            raise _err("'remove' must be {ids: [..]}, {rule: largest_mean_norm, n: 1} or "
+                       "{rule: outlying_mean_norm, factor: 2}", where, path)
         if "ids" in rm:
             if not isinstance(rm["ids"], list):
                 raise _err(f"'remove.ids' must be a list of component ids, got {rm['ids']!r}", where, path)
@@ -166,13 +171,23 @@ def _check_filter(entry, where: str, path) -> FilterSpec:
             if bad:
                 raise _err(f"component id {bad[0]} is out of range 0..{p['components'] - 1}", where, path)
             p["remove"] = {"ids": sorted(set(ids))}
-        else:
-            if rm["rule"] != "largest_mean_norm":
-                raise _err(f"unknown rule {rm['rule']!r} (known: largest_mean_norm)", where, path)
+        elif rm["rule"] == "largest_mean_norm":
+            if "factor" in rm:
+                raise _err("'remove.factor' belongs to rule outlying_mean_norm", where, path)
             n = _as_int(rm.get("n", 1), "remove.n", where, path)
             if not 1 <= n < p["components"]:
                 raise _err(f"'remove.n' must be between 1 and components - 1, got {n}", where, path)
             p["remove"] = {"rule": "largest_mean_norm", "n": n}
+        elif rm["rule"] == "outlying_mean_norm":
+            if "n" in rm:
+                raise _err("'remove.n' belongs to rule largest_mean_norm", where, path)
+            factor = rm.get("factor", OUTLYING_FACTOR)
+            if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 1:
+                raise _err(f"'remove.factor' must be a number > 1, got {factor!r}", where, path)
+            p["remove"] = {"rule": "outlying_mean_norm", "factor": float(factor)}
+        else:
+            raise _err(f"unknown rule {rm['rule']!r} (known: largest_mean_norm, outlying_mean_norm)", where,
+                       path)
     elif kind == "kmeans":
         p["k"] = _as_int(p["k"], "k", where, path)
         p["seed"] = _as_int(p["seed"], "seed", where, path)
@@ -256,6 +271,9 @@ class FilterResult:
     plot_labels: np.ndarray | None = None  # cluster ids for the figure (gmm, kmeans)
 
 
+OUTLYING_FACTOR = 2.0  # outlying_mean_norm: a component is junk when its mean ‖z‖ > 2 × the median ‖z‖
+
+
 def _gmm(z: np.ndarray, p: dict) -> FilterResult:
     from sklearn.mixture import GaussianMixture
     from threadpoolctl import threadpool_limits
@@ -270,11 +288,16 @@ def _gmm(z: np.ndarray, p: dict) -> FilterResult:
     counts = np.bincount(labels, minlength=p["components"])
     mean_norm = np.array([norms[labels == c].mean() if counts[c] else -np.inf
                           for c in range(p["components"])])
+    extra = {}
     if "ids" in p["remove"]:
         ids = p["remove"]["ids"]
-    else:
+    elif p["remove"]["rule"] == "largest_mean_norm":
         ids = sorted(np.argsort(-mean_norm, kind="stable")[:p["remove"]["n"]].tolist())
-    info = {"component_counts": counts.tolist(),
+    else:  # outlying_mean_norm: as many components as lie far out, never the most populous one
+        limit = p["remove"]["factor"] * float(np.median(norms))
+        ids = [c for c in range(p["components"]) if mean_norm[c] > limit and c != int(np.argmax(counts))]
+        extra = {"mean_norm_limit": limit}
+    info = {**extra, "component_counts": counts.tolist(),
             "component_mean_norm": [None if not np.isfinite(v) else float(v) for v in mean_norm],
             "removed_components": [int(i) for i in ids], "converged": bool(g.converged_)}
     return FilterResult("gmm", p, np.isin(labels, ids), info, labels)

@@ -74,6 +74,37 @@ def test_gmm_largest_mean_norm_finds_the_outlier_cluster(tmp_path):
     np.testing.assert_array_equal(filtering.run_filters(spec_ids.runs[0]).removed, lab == 4)
 
 
+def test_gmm_outlying_mean_norm_removes_every_far_component_and_only_those(tmp_path):
+    """Two kinds of junk far from a bulk of three states: the rule removes both far components, whatever
+    their number, and keeps the states (a fixed largest_mean_norm n: 3 would take a state out)."""
+    rng = np.random.default_rng(1)
+    centres = np.zeros((5, 10))
+    centres[:3, :3] = 0.8 * np.eye(3)       # three ordinary states near the origin
+    centres[3, 5], centres[4, 7] = 9.0, -7.0  # two kinds of junk
+    z, lab = clusters(rng, centres, [400, 300, 200, 50, 40], scale=0.25)
+    run = make_run(tmp_path / "z10", z)
+
+    def removed(remove: dict) -> filtering.RunOutcome:
+        spec = filtering.parse_spec([{"run": str(run), "filters": [
+            {"gmm": {"components": 5, "covariance": "full", "seed": 0, "remove": remove}}]}])
+        return filtering.run_filters(spec.runs[0])
+
+    out = removed({"rule": "outlying_mean_norm"})
+    np.testing.assert_array_equal(out.removed, lab >= 3)
+    info = out.results[0].info
+    median = float(np.median(np.linalg.norm(z.astype(np.float64), axis=1)))
+    assert info["mean_norm_limit"] == pytest.approx(2 * median)
+    assert out.results[0].params["remove"] == {"rule": "outlying_mean_norm", "factor": 2.0}
+    assert removed({"rule": "largest_mean_norm", "n": 3}).removed.sum() > (lab >= 3).sum()
+    # a factor so large that nothing is far enough: nothing is removed
+    assert removed({"rule": "outlying_mean_norm", "factor": 100}).removed.sum() == 0
+    for bad, msg in (({"rule": "outlying_mean_norm", "factor": 1}, "'remove.factor' must be a number > 1"),
+                     ({"rule": "outlying_mean_norm", "n": 2}, "'remove.n' belongs to rule largest_mean_norm"),
+                     ({"rule": "biggest"}, "unknown rule 'biggest'")):
+        with pytest.raises(InputError, match=msg):
+            filtering.parse_spec([{"run": str(run), "filters": [{"gmm": {"remove": bad}}]}])
+
+
 def test_norm_rule_removes_beyond_mean_plus_k_std(tmp_path):
     rng = np.random.default_rng(1)
     z = rng.normal(size=(400, 3)) * 0.2

@@ -22,7 +22,9 @@ intersected):
         - gmm: {components: 5, covariance: full, seed: 0, remove: {rule: largest_mean_norm, n: 1}}
 Other filters: kmeans {k, seed, remove_ids: [..]} (same ids as drgn analyze with that k and seed);
 norm {k_std: 3} (removes ‖z‖ > mean + 3 std); box {space: pca|umap, xmin, xmax, ymin, ymax,
-keep: inside|outside, umap: analyze/umap.npy}. gmm remove may also be {ids: [..]}.
+keep: inside|outside, umap: analyze/umap.npy}. gmm remove may also be {ids: [..]}, or
+{rule: outlying_mean_norm, factor: 2}: every component whose mean ‖z‖ exceeds 2 × the median ‖z‖ (junk
+of several kinds, without knowing how many).
 
 Outputs: kept.npy/.txt, removed.npy/.txt (sorted int64 rows), filter.json (the resolved spec, counts
 per filter, per run and combined, seeds; with --table, precision/recall/F1 of removed vs drgnGtJunk),
@@ -47,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gmm", type=int, metavar="N", help="fit an N-component GMM")
     g.add_argument("--gmm-covariance", default="full", help="full, tied, diag or spherical (default full)")
     g.add_argument("--gmm-remove", default="largest_mean_norm", metavar="RULE|IDS",
-                   help="largest_mean_norm (default) or comma-separated component ids")
+                   help="largest_mean_norm (default: the one component of largest mean ‖z‖), "
+                        "outlying_mean_norm (every component whose mean ‖z‖ > 2 × the median ‖z‖) or "
+                        "comma-separated component ids")
     g.add_argument("--kmeans", type=int, metavar="K", help="k-means with K clusters (needs --kmeans-remove)")
     g.add_argument("--kmeans-remove", metavar="IDS", help="comma-separated k-means cluster ids to remove")
     g.add_argument("--box", nargs=5, metavar=("SPACE", "XMIN", "XMAX", "YMIN", "YMAX"),
@@ -82,7 +86,7 @@ def spec_from_flags(args: argparse.Namespace) -> dict:
     if args.norm is not None:
         filters.append({"norm": {"k_std": args.norm}})
     if args.gmm is not None:
-        rm = ({"rule": "largest_mean_norm", "n": 1} if args.gmm_remove == "largest_mean_norm"
+        rm = ({"rule": args.gmm_remove} if args.gmm_remove in ("largest_mean_norm", "outlying_mean_norm")
               else {"ids": _ids(args.gmm_remove, "--gmm-remove")})
         filters.append({"gmm": {"components": args.gmm, "covariance": args.gmm_covariance, "seed": args.seed,
                                 "remove": rm}})
