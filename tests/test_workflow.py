@@ -126,11 +126,11 @@ def test_schema_describes_every_key_and_defaults_every_optional_one():
     schema = load_schema()
     assert _keys_missing(schema, schema, "", "description") == []
     # Keys without a default are present only when chosen: the filter kinds (a filter is exactly one of
-    # them), how a GMM names what it removes (ids, or a rule with its count n), and a box's edges and
+    # them), how a GMM names what it removes (ids, or a rule with its count n or factor), a box's edges and
     # optional UMAP file (a missing edge is open).
     item = "filter.pilots[].filters[]"
     alternatives = [f"{item}.{k}: default" for k in ("threshold", "gmm", "kmeans", "norm", "box")]
-    alternatives += [f"{item}.gmm.remove.{k}: default" for k in ("ids", "rule", "n")]
+    alternatives += [f"{item}.gmm.remove.{k}: default" for k in ("ids", "rule", "n", "factor")]
     alternatives += [f"{item}.box.{k}: default" for k in ("xmin", "xmax", "ymin", "ymax", "umap")]
     assert sorted(_keys_missing(schema, schema, "", "default")) == sorted(alternatives)
 

@@ -20,7 +20,7 @@
 #    each PID with its start time (field 22 of /proc/PID/stat) in STATE_DIR/pids, so that down.sh stops
 #    exactly these processes and never another one that reused a PID.
 # Accounting is off (no slurmdbd): the profile polls job states with squeue, and MinJobAge keeps finished
-# jobs visible to squeue for 10 minutes.
+# jobs visible to squeue (and to the test that checks where each job ran) for 2 hours.
 # Exit status: 0 when the node is idle and accepting jobs; 3 when the packages cannot be installed
 # (tests skip on that); 1 on any other failure (daemons already started are stopped again).
 set -euo pipefail
@@ -105,7 +105,7 @@ SelectTypeParameters=CR_CPU_Memory
 DefMemPerCPU=1000
 GresTypes=gpu
 # Finished jobs stay visible to squeue (the profile's status command) for 10 minutes.
-MinJobAge=600
+MinJobAge=7200
 ReturnToService=2
 SlurmdParameters=config_overrides
 MailProg=/bin/true
