@@ -19,6 +19,7 @@ last but one, so its presence marks a finished run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -85,6 +86,13 @@ class TrainConfig:
 
 # ---- small helpers ------------------------------------------------------------------------------------
 def sha256(path: str | os.PathLike) -> str:
+    """Checksum of an input file; a stack may be many GB, so one file is read once per process."""
+    st = os.stat(path)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is read again
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -219,11 +227,6 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, arr, allow_pickle=False)
-
-
-def save_indices(path: Path, idx: np.ndarray) -> None:
-    """An index file and its .txt twin (DESIGN §3: 0-based canonical table rows)."""
-    write_index_files(idx, path)
 
 
 LOG_COLUMNS = ("epoch", "loss", "mse", "kl", "val_loss", "val_mse", "val_kl", "images_per_s", "seconds",
@@ -373,7 +376,7 @@ def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: 
         if mcfg.D != source.D:
             raise InputError(f"images are {source.D} px but the run was trained at D = {mcfg.D}", stack_path)
         stored["training"] = asdict(tcfg)  # record what a resumed run may change (e.g. more epochs)
-        write_config(run / "config.yaml", stored)
+        run_config = stored
     else:
         opts = {"zdim": 10, **{k: model_opts[k] for k in MODEL_OPTIONS if k in model_opts}}
         if opts["zdim"] < 0:
@@ -383,8 +386,9 @@ def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: 
                                     lattice, tcfg.seed)
         mcfg = ModelConfig(D=source.D, norm_scale=scale, apix=source.apix, **opts)
         run.mkdir(parents=True, exist_ok=True)
-        write_config(run / "config.yaml", _run_config(mcfg, tcfg, table_path, stack_path, ind_path, source,
-                                                      len(rows), len(train_pos), len(val_pos)))
+        run_config = _run_config(mcfg, tcfg, table_path, stack_path, ind_path, source, len(rows),
+                                 len(train_pos), len(val_pos))
+    write_config(run / "config.yaml", run_config)
     beta = tcfg.beta if tcfg.beta is not None else (1.0 / mcfg.zdim if mcfg.zdim else 0.0)
 
     # ---- model, optimizer, generator; restored from the last checkpoint on resume
@@ -408,7 +412,7 @@ def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: 
     # ---- the loop
     model.train()
     while state.epoch < tcfg.epochs:
-        run_epoch(model, opt, gen, data, train_pos, tcfg, beta, amp, state, ck_path, progress)
+        run_epoch(model, opt, gen, data, train_pos, tcfg, beta, amp, state, ck_path, run_config, progress)
         val = evaluate(model, data, val_pos, beta, amp)
         s_loss, s_mse, s_kl, n_img = state.sums
         row = {"epoch": state.epoch + 1, "loss": s_loss / n_img, "mse": s_mse / n_img, "kl": s_kl / n_img,
@@ -426,13 +430,13 @@ def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: 
             mu, _ = encode_latents(model, data, amp, progress=progress)
             save_npy(run / "checkpoints" / f"z.{state.epoch:03d}.npy", mu)
         if state.epoch % tcfg.checkpoint_every == 0 or done:
-            save_checkpoint(ck_path, model, opt, gen, state, read_run_config(run))
+            save_checkpoint(ck_path, model, opt, gen, state, run_config)
 
     # ---- final outputs; model.pt last, so that its presence means a finished run
     mu, logvar = encode_latents(model, data, amp, progress=progress)
     save_npy(run / "z.npy", mu)
     save_npy(run / "z_logvar.npy", logvar)
-    save_indices(run / "indices.npy", rows)
+    write_index_files(rows, run / "indices.npy")
     save_npy(run / "val_indices.npy", rows[val_pos])
     write_log(run / "train_log.csv", state.log)
     plot_learning_curve(run / "learning_curve.png", state.log)
@@ -444,7 +448,7 @@ def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: 
 
 def run_epoch(model: HetVAE, opt: torch.optim.Optimizer, gen: torch.Generator, data: ParticleData,
               train_pos: np.ndarray, tcfg: TrainConfig, beta: float, amp: torch.dtype | None, state: Progress,
-              ck_path: Path, progress: bool) -> None:
+              ck_path: Path, run_config: dict, progress: bool) -> None:
     """Train the rest of epoch `state.epoch` from batch `state.step`, checkpointing mid-epoch on a timer."""
     steps = math.ceil(len(train_pos) / tcfg.batch_size)
     order = data.epoch_order(train_pos, tcfg.seed, state.epoch)
@@ -470,7 +474,7 @@ def run_epoch(model: HetVAE, opt: torch.optim.Optimizer, gen: torch.Generator, d
         now = time.perf_counter()
         if 0 < tcfg.checkpoint_minutes * 60 < now - last_save and state.step < steps:
             state.sums, state.seconds = [*acc.tolist(), n_img], seconds0 + now - t0
-            save_checkpoint(ck_path, model, opt, gen, state, read_run_config(ck_path.parent.parent))
+            save_checkpoint(ck_path, model, opt, gen, state, run_config)
             last_save = now
     bar.close()
     state.sums, state.seconds = [*acc.tolist(), n_img], seconds0 + time.perf_counter() - t0
@@ -509,28 +513,24 @@ def auto_resume_possible(run: Path, model_opts: dict, train_opts: dict, table_pa
     ck_path = run / "checkpoints" / "last.pt"
     if not ck_path.exists():
         return False
-    has_config = (run / "config.yaml").exists()
+    if (run / "config.yaml").exists():  # an intact run: exactly --resume, whose checks refuse another run's
+        return True
     try:
         ck = torch.load(ck_path, map_location="cpu", weights_only=True)
-        stored = read_run_config(run) if has_config else ck.get("run_config")
+        stored = ck.get("run_config")
         if not isinstance(stored, dict):
             raise DrgnError(f"{ck_path}: the checkpoint does not record its run's settings")
         _refuse_conflicts(stored["model"], model_opts, run)
         _refuse_conflicts(stored["training"], train_opts, run)
         _check_same_inputs(stored["inputs"], table_path, stack_path, ind_path)
         wanted = train_opts.get("epochs", stored["training"]["epochs"])
-        if not has_config and ck["epoch"] >= wanted:  # a finished run whose outputs were removed: a rerun
-            raise DrgnError(f"it finished {ck['epoch']} epochs and {wanted} are asked")  # was forced
-    except Exception as e:  # unreadable, or another run's: only a leftover may be discarded
-        if has_config:
-            if isinstance(e, DrgnError):
-                raise
-            raise InputError(f"cannot read checkpoint ({type(e).__name__}: {e})", ck_path) from None
+        if ck["epoch"] >= wanted:  # a finished run whose outputs were removed: a rerun was forced
+            raise DrgnError(f"it finished {ck['epoch']} epochs and {wanted} are asked")
+    except Exception as e:  # unreadable, or another run's: a leftover, discarded
         log(f"{run}: not resuming from the leftover checkpoint ({e}); starting afresh")
         shutil.rmtree(run / "checkpoints")
         return False
-    if not has_config:
-        write_config(run / "config.yaml", stored)
+    write_config(run / "config.yaml", stored)
     return True
 
 

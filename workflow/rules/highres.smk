@@ -32,7 +32,8 @@ rule train_highres:
         device=config["device"],
         version=DRGN_VERSION,
     shell:
-        "drgn train {input.table} {input.stack} -o {params.run} --auto-resume --zdim {params.zdim} --ind {input.kept} "
+        "drgn train {input.table} {input.stack} -o {params.run} --auto-resume --zdim {params.zdim} "
+        "--ind {input.kept} "
         "--epochs {params.t[epochs]} --enc-dim {params.t[enc_dim]} --enc-layers {params.t[enc_layers]} "
         "--dec-dim {params.t[dec_dim]} --dec-layers {params.t[dec_layers]} "
         "--batch-size {params.t[batch_size]} --lr {params.t[lr]} --seed {params.t[seed]} "
