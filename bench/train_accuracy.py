@@ -52,9 +52,11 @@ def train_run(name: str, data: Path, args: argparse.Namespace) -> Path:
 
     run = Path(args.workdir) / f"run_{name}_{args.tag}"
     width, layers = (int(x) for x in args.arch.lower().split("x"))
+    dec_width, dec_layers = (int(x) for x in (args.dec_arch or args.arch).lower().split("x"))
     model = {"zdim": 0 if name == "homogeneous" else args.zdim, "enc_dim": width, "enc_layers": layers,
-             "dec_dim": width, "dec_layers": layers}
+             "dec_dim": dec_width, "dec_layers": dec_layers}
     opts = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+            "val_frac": args.val_frac,
             "threads": args.threads, "precision": args.precision, "device": args.device,
             "encode_every": 1 if name != "homogeneous" else 0}
     resume = (run / "config.yaml").exists()
@@ -135,12 +137,22 @@ def evaluate(name: str, run: Path, data: Path, args: argparse.Namespace) -> dict
                     "fraction_of_nyquist_0.5": 2 * cfg.apix / res, "fsc": [round(float(f), 4) for f in fsc]})
         return out
 
-    def score(z: np.ndarray) -> dict:
+    held_out = np.isin(idx, np.load(run / "val_indices.npy"))
+
+    def score_rows(z: np.ndarray, rows: np.ndarray) -> float:
         if name == "compositional":
             k = len(np.unique(states))
-            labels = KMeans(k, n_init=10, random_state=args.seed).fit_predict(z)
-            return {"ari": float(adjusted_rand_score(states, labels))}
-        return {"abs_spearman": float(abs(spearmanr(z[:, 0], coord).statistic))}
+            labels = KMeans(k, n_init=10, random_state=args.seed).fit_predict(z[rows])
+            return float(adjusted_rand_score(states[rows], labels))
+        return float(abs(spearmanr(z[rows, 0], coord[rows]).statistic))
+
+    def score(z: np.ndarray) -> dict:
+        key = "ari" if name == "compositional" else "abs_spearman"
+        out = {key: score_rows(z, np.ones(len(z), bool))}
+        if held_out.any():  # the encoder on images it never trained on, and on those it did
+            out[f"{key}_trained"] = score_rows(z, ~held_out)
+            out[f"{key}_held_out"] = score_rows(z, held_out)
+        return out
 
     out["trajectory"] = {p.name.split(".")[1]: score(np.load(p))
                          for p in sorted((run / "checkpoints").glob("z.*.npy"))}
@@ -158,7 +170,11 @@ def main() -> None:
     ap.add_argument("-D", "--D", type=int, default=64)
     ap.add_argument("--snr", type=float, default=0.1)
     ap.add_argument("--zdim", type=int, default=1)
-    ap.add_argument("--arch", default="256x3", help="WIDTHxLAYERS of encoder and decoder")
+    ap.add_argument("--arch", default="256x3", help="WIDTHxLAYERS of the encoder (and decoder)")
+    ap.add_argument("--dec-arch", default=None, help="WIDTHxLAYERS of the decoder (paper: 512x5); "
+                    "default --arch")
+    ap.add_argument("--val-frac", type=float, default=0.0,
+                    help="held-out fraction; the paper's simulated experiments trained on every image (0)")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -170,7 +186,8 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the run folders (to compare settings)")
     ap.add_argument("--workdir", required=True, help="datasets and runs are kept here (and resumed)")
     args = ap.parse_args()
-    args.tag = args.tag or f"{args.arch}_{args.precision}_lr{args.lr:g}_b{args.batch_size}"
+    args.tag = args.tag or (f"{args.arch}_{args.dec_arch or args.arch}_{args.precision}_lr{args.lr:g}"
+                            f"_b{args.batch_size}_val{args.val_frac:g}")
 
     results = {}
     for name in args.datasets:
@@ -178,6 +195,7 @@ def main() -> None:
         data = simulate(name, args)
         run = train_run(name, data, args)
         res = {"dataset": name, "D": args.D, "n": args.n, "snr": args.snr, "arch": args.arch,
+               "dec_arch": args.dec_arch or args.arch, "val_frac": args.val_frac,
                "precision": args.precision, "lr": args.lr, "batch_size": args.batch_size,
                **evaluate(name, run, data, args), "wall_s": time.time() - t0}
         results[name] = res

@@ -142,6 +142,17 @@ def _read_rows(path: Path) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def _held_out(run_dir: Path, indices: np.ndarray) -> np.ndarray | None:
+    """Mask of the run's rows held out of training (val_indices.npy), or None when there are none."""
+    path = Path(run_dir) / "val_indices.npy"
+    if not path.exists():
+        return None
+    val = _read_rows(path)
+    if len(val) == 0:
+        return None
+    return np.isin(indices, val)
+
+
 def evaluate(run_dir: str | os.PathLike, table_path: str | os.PathLike, out_json: str | os.PathLike,
              gt_dir: str | os.PathLike | None = None, filter_dir: str | os.PathLike | None = None,
              n_fsc: int = 100, seed: int = 0, plot: str | os.PathLike | None = None,
@@ -170,6 +181,17 @@ def evaluate(run_dir: str | os.PathLike, table_path: str | os.PathLike, out_json
                      "zdim": run.zdim, "junk_in_run": int(junk.sum())}
     metrics["spearman"] = spearman_metric(run.z, coord, junk)
     metrics["clustering"] = cluster_metric(run.z, states, junk, seed=seed)
+    held_out = _held_out(run.run_dir, run.indices)
+    if held_out is not None:
+        # The encoder of a few-thousand-particle run memorises its training images and does not
+        # generalise: held-out latents can be noise while the trained ones are right. Say so.
+        metrics["held_out"] = {
+            "n": int(held_out.sum()),
+            "spearman_trained": spearman_metric(run.z[~held_out], coord[~held_out], junk[~held_out])
+            .get("value"),
+            "spearman_held_out": spearman_metric(run.z[held_out], coord[held_out], junk[held_out])
+            .get("value"),
+        }
     if filter_dir is not None:
         fd = Path(filter_dir)
         kept, removed = _read_rows(fd / "kept.npy"), _read_rows(fd / "removed.npy")

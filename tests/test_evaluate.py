@@ -141,3 +141,26 @@ def test_evaluate_cli_metrics_and_errors(tmp_path, capsys):
                    "(drgnGtJunk); drgn evaluate needs a simulated dataset's table")
     with pytest.raises(InputError, match="no such ground-truth volume folder"):
         evaluate.per_image_fsc(run, z[:2], np.zeros(2, int), tmp_path / "nowhere")
+
+
+def test_held_out_particles_are_scored_apart(tmp_path):
+    """A run whose encoder memorised its training images: trained rows ordered, held-out rows shuffled.
+    The split shows |ρ| = 1 on the trained rows and about 0 on the held-out ones; the total lies between."""
+    rng = np.random.default_rng(5)
+    n = 400
+    coord = rng.uniform(0, 1, n)
+    z = coord[:, None].copy()
+    val = np.sort(rng.choice(n, 100, replace=False))
+    z[val, 0] = rng.permutation(z[val, 0])
+    run = make_run(tmp_path / "run", z, np.arange(n))
+    np.save(run / "val_indices.npy", val)
+    table = write_gt_table(tmp_path / "t.star", n, coord=coord, state=np.zeros(n, int), junk=np.zeros(n, int))
+    m = evaluate.evaluate(run, table, tmp_path / "m.json")
+    h = m["held_out"]
+    assert h["n"] == 100
+    assert h["spearman_trained"] == pytest.approx(1.0)
+    assert h["spearman_held_out"] < 0.3
+    assert h["spearman_held_out"] < m["spearman"]["value"] < h["spearman_trained"]
+    # no held-out rows (val_frac 0): no split
+    np.save(run / "val_indices.npy", np.empty(0, np.int64))
+    assert "held_out" not in evaluate.evaluate(run, table, tmp_path / "m2.json")

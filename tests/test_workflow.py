@@ -80,7 +80,7 @@ def test_dry_run_simulate_mode(tmp_path):
     assert "--zdim 1 " in out and "--zdim 10 " in out
     assert "results/data/particles.32.mrcs" in out and "results/data/particles.64.mrcs" in out
     assert "--ind results/filter/kept.npy" in out
-    assert "--val-frac 0.1" in out
+    assert "--val-frac 0.0" in out  # every kept particle trained on: held-out latents would be noise
     assert "--source results/simulated/particles.star" in out
 
 

@@ -11,6 +11,9 @@ drgnGtState, drgnGtJunk, drgnGtVolume):
 
   spearman         |Spearman ρ| between z (zdim 1) or PC1 and the reaction coordinate (junk excluded)
   clustering       ARI and NMI (arithmetic) of k-means with K = number of true states (junk excluded)
+  held_out         when the run held particles out (--val-frac > 0): |Spearman ρ| on the trained and on
+                   the held-out particles separately (an encoder that memorised its training images
+                   encodes unseen ones badly; this shows it)
   filter           --filter-dir: precision/recall/F1 of its removed.npy against the injected junk
   per_image_fsc    --gt-dir: for --n-fsc images spread evenly over the coordinate (or the states), FSC of
                    the volume decoded at the image's z against gt_volumes/vol_{drgnGtVolume:03d}.mrc;
@@ -42,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
     parts = []
     if m["spearman"].get("value") is not None:
         parts.append(f"|spearman| {m['spearman']['value']:.3f}")
+        h = m.get("held_out", {})
+        if h.get("spearman_trained") is not None and h.get("spearman_held_out") is not None:
+            parts.append(f"(trained {h['spearman_trained']:.3f}, {h['n']} held out "
+                         f"{h['spearman_held_out']:.3f})")
     if m["clustering"].get("ari") is not None:
         parts.append(f"ARI {m['clustering']['ari']:.3f} NMI {m['clustering']['nmi']:.3f}")
     if "filter" in m:

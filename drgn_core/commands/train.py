@@ -60,7 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
     t.add_argument("--beta", type=float, help="KL weight β (default 1/zdim)")
     t.add_argument("--seed", type=int, help="random seed: split, order, initialisation, sampling (default 0)")
-    t.add_argument("--val-frac", type=float, help="fraction held out for validation (default 0.1)")
+    t.add_argument("--val-frac", type=float,
+                   help="fraction held out for the validation loss (default 0.1). Held-out particles' "
+                   "latents come from an encoder that never saw them, and below ~1e5 particles they are "
+                   "close to noise: use 0 when every latent will be analysed")
     r = p.add_argument_group("resources")
     r.add_argument("--device", help="auto (GPU when present), cpu, cuda or cuda:N (default auto)")
     r.add_argument("--precision", choices=["auto", "fp32", "bf16"],
