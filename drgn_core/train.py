@@ -432,6 +432,10 @@ def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: 
         if state.epoch % tcfg.checkpoint_every == 0 or done:
             save_checkpoint(ck_path, model, opt, gen, state, run_config)
 
+    note = overfitting_note(state.log)
+    if note:
+        log(f"{run}: {note}")
+
     # ---- final outputs; model.pt last, so that its presence means a finished run
     mu, logvar = encode_latents(model, data, amp, progress=progress)
     save_npy(run / "z.npy", mu)
@@ -444,6 +448,27 @@ def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: 
         # the precision travels with the model so that `drgn encode` reproduces z.npy
         torch.save(model_payload(model, mcfg, epochs=tcfg.epochs, precision="bf16" if amp else "fp32"), tmp)
     return run
+
+
+def overfitting_note(rows: list[dict], patience: int = 3, tolerance: float = 1e-3) -> str | None:
+    """A warning when the validation loss bottomed out `patience`+ epochs before the end and has risen
+    by more than `tolerance` (relative) since, while the training loss kept falling.
+
+    That is the encoder memorising its training images: the held-out particles' latents then come from a
+    mapping that does not generalise, and a user who analyses them should know.
+    """
+    val = [(r["epoch"], r["val_loss"]) for r in rows if not math.isnan(r["val_loss"])]
+    if len(val) <= patience:
+        return None
+    best_epoch, best = min(val, key=lambda t: t[1])
+    last_epoch, last = val[-1]
+    train = {r["epoch"]: r["loss"] for r in rows}
+    if (last_epoch - best_epoch < patience or last <= best * (1 + tolerance)
+            or train[last_epoch] >= train[best_epoch]):
+        return None
+    return (f"the validation loss has risen since epoch {best_epoch} ({best:.5f} -> {last:.5f}) while the "
+            f"training loss fell ({train[best_epoch]:.5f} -> {train[last_epoch]:.5f}): the model over-fits "
+            "its training images, and the latents of the held-out particles (val_indices.npy) are unreliable")
 
 
 def run_epoch(model: HetVAE, opt: torch.optim.Optimizer, gen: torch.Generator, data: ParticleData,
