@@ -125,7 +125,7 @@ def evaluate(name: str, run: Path, data: Path, args: argparse.Namespace) -> dict
     log = np.genfromtxt(run / "train_log.csv", delimiter=",", names=True, ndmin=1)
     out = {"epochs": int(log["epoch"][-1]), "train_seconds": float(log["seconds"].sum()),
            "images_per_s": float(np.median(log["images_per_s"])),
-           "final_val_loss": float(log["val_loss"][-1])}
+           "final_val_loss": None if np.isnan(log["val_loss"][-1]) else float(log["val_loss"][-1])}
     if name == "homogeneous":
         from drgn_core.fsc import crossing, fsc_auc, fsc_curve
         from drgn_core.models import generate_volumes, load_model
