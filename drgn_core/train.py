@@ -53,8 +53,8 @@ from drgn_core.models import (
 
 CHECKPOINT_FORMAT = "drgnflow-checkpoint/1"
 # Options a resumed run may change: they alter speed or bookkeeping, not the optimisation itself.
-RESUMABLE = {"epochs", "device", "threads", "checkpoint_every", "checkpoint_minutes", "data_mode", "chunk",
-             "encode_every"}
+RESUMABLE = {"epochs", "lr", "device", "threads", "checkpoint_every", "checkpoint_minutes", "data_mode",
+             "chunk", "encode_every"}  # lr: lowering it on --resume refines a run (train_log.csv records it)
 MODEL_OPTIONS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_type", "pe_dim", "feat_sigma",
                  "enc_mask")
 
@@ -157,9 +157,9 @@ def split_validation(n: int, val_frac: float, seed: int) -> tuple[np.ndarray, np
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def _refuse_conflicts(stored: dict, given: dict, run: Path) -> None:
+def _refuse_conflicts(stored: dict, given: dict, run: Path, resumable: frozenset | set = RESUMABLE) -> None:
     bad = [f"{k} = {given[k]!r} (the run has {stored.get(k)!r})" for k in given
-           if k not in RESUMABLE and k in stored and given[k] != stored[k]]
+           if k not in resumable and k in stored and given[k] != stored[k]]
     if bad:
         raise DrgnError(f"{run}: cannot resume with different settings: " + "; ".join(bad))
 
@@ -230,7 +230,7 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
 
 
 LOG_COLUMNS = ("epoch", "loss", "mse", "kl", "val_loss", "val_mse", "val_kl", "images_per_s", "seconds",
-               "peak_mem_MiB")
+               "peak_mem_MiB", "lr")
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -343,13 +343,15 @@ def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: 
     """
     run = Path(outdir)
     model_opts, train_opts = dict(model_opts or {}), dict(train_opts or {})
+    # --auto-resume continues the same experiment; a new learning rate takes an explicit --resume
+    allowed = RESUMABLE - {"lr"} if auto_resume and not resume else RESUMABLE
     if auto_resume and not resume:
         resume = auto_resume_possible(run, model_opts, train_opts, table_path, stack_path, ind_path)
     stored = read_run_config(run) if resume else None
     if stored is not None:
         _refuse_conflicts(stored["model"], model_opts, run)
-        _refuse_conflicts(stored["training"], train_opts, run)
-        resumable = {k: v for k, v in train_opts.items() if k in RESUMABLE}
+        _refuse_conflicts(stored["training"], train_opts, run, allowed)
+        resumable = {k: v for k, v in train_opts.items() if k in allowed}
         tcfg = TrainConfig.from_dict({**stored["training"], **resumable})
     else:
         if (run / "config.yaml").exists():
@@ -402,6 +404,11 @@ def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: 
     if resume and ck_path.exists():
         state = restore_checkpoint(ck_path, model, opt, gen)
         log(f"resuming {run} at epoch {state.epoch + 1}, batch {state.step}")
+        old_lr = opt.param_groups[0]["lr"]
+        if old_lr != tcfg.lr:  # Adam's moments are kept; only the step size changes
+            for group in opt.param_groups:
+                group["lr"] = tcfg.lr
+            log(f"learning rate {old_lr:g} -> {tcfg.lr:g} from epoch {state.epoch + 1}")
 
     data = ParticleData(source, table, rows, lattice, mcfg.norm_scale, device, tcfg.data_mode, tcfg.chunk,
                         progress)
@@ -418,7 +425,7 @@ def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: 
         row = {"epoch": state.epoch + 1, "loss": s_loss / n_img, "mse": s_mse / n_img, "kl": s_kl / n_img,
                "val_loss": val["loss"], "val_mse": val["mse"], "val_kl": val["kl"],
                "images_per_s": n_img / max(state.seconds, 1e-9), "seconds": state.seconds,
-               "peak_mem_MiB": peak_memory_mib(device)}
+               "peak_mem_MiB": peak_memory_mib(device), "lr": opt.param_groups[0]["lr"]}
         state.log.append({k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()})  # plain types
         log(f"epoch {row['epoch']}/{tcfg.epochs}  loss {row['loss']:.5f}  mse {row['mse']:.5f}  "
             f"kl {row['kl']:.3f}  val {row['val_loss']:.5f}  {row['images_per_s']:.1f} img/s  "
@@ -546,7 +553,7 @@ def auto_resume_possible(run: Path, model_opts: dict, train_opts: dict, table_pa
         if not isinstance(stored, dict):
             raise DrgnError(f"{ck_path}: the checkpoint does not record its run's settings")
         _refuse_conflicts(stored["model"], model_opts, run)
-        _refuse_conflicts(stored["training"], train_opts, run)
+        _refuse_conflicts(stored["training"], train_opts, run, RESUMABLE - {"lr"})  # as in train()
         _check_same_inputs(stored["inputs"], table_path, stack_path, ind_path)
         wanted = train_opts.get("epochs", stored["training"]["epochs"])
         if ck["epoch"] >= wanted:  # a finished run whose outputs were removed: a rerun was forced

@@ -116,14 +116,23 @@ def test_resume_refuses_changed_settings_and_allows_more_epochs(run1, tiny, tmp_
     run = tmp_path / "more"
     shutil.copytree(run1, run)
     base = ["train", str(tiny.table), str(tiny.stack), "-o", str(run)]
-    assert main([*base, "--resume", "--lr", "0.5"]) == 2
-    assert "cannot resume with different settings: lr = 0.5 (the run has 0.001)" in capsys.readouterr().err
+    assert main([*base, "--resume", "--enc-dim", "64"]) == 2
+    assert "cannot resume with different settings: enc_dim = 64 (the run has 32)" in capsys.readouterr().err
     assert main([*base, "--epochs", "3"]) == 2
     assert "already holds a training run; pass --resume" in capsys.readouterr().err
     assert main([*base, "--resume", "--epochs", "3", "--threads", "1"]) == 0
     log = np.genfromtxt(run / "train_log.csv", delimiter=",", names=True)
     assert list(log["epoch"]) == [1, 2, 3]
     assert yaml.safe_load((run / "config.yaml").read_text())["training"]["epochs"] == 3
+    # a lower learning rate to refine: Adam continues with the new step size, and the log records it
+    assert main([*base, "--resume", "--epochs", "4", "--lr", "1e-4"]) == 0
+    assert "learning rate 0.001 -> 0.0001 from epoch 4" in capsys.readouterr().err
+    log = np.genfromtxt(run / "train_log.csv", delimiter=",", names=True)
+    assert list(log["epoch"]) == [1, 2, 3, 4] and log["lr"][-1] == pytest.approx(1e-4)
+    assert log["lr"][2] == pytest.approx(1e-3)
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    assert yaml.safe_load((run / "config.yaml").read_text())["training"]["lr"] == 1e-4
 
 
 def test_train_on_index_subset(tiny, tmp_path):

@@ -12,7 +12,8 @@ indices.npy), z_logvar.npy, indices.npy, train_log.csv, learning_curve.png and c
 
 A random --val-frac of the particles is held out and its loss reported every epoch. A run killed at any
 moment continues from its last checkpoint with --resume (same command plus --resume; --epochs may be
-raised to train longer); on the CPU the result is identical to an uninterrupted run.
+raised to train longer, and --lr lowered to refine a run whose loss has levelled off); on the CPU the
+result is identical to an uninterrupted run.
 
 Defaults follow the paper: Adam, learning rate 1e-4, batch 8, 256×3 encoder and decoder, Gaussian
 positional encoding (σ 0.5), β = 1/zdim. bf16 autocast is used where the hardware has bf16 arithmetic
