@@ -60,16 +60,19 @@ def train_run(name: str, data: Path, args: argparse.Namespace) -> Path:
             "threads": args.threads, "precision": args.precision, "device": args.device,
             "encode_every": 1 if name != "homogeneous" else 0}
     resume = (run / "config.yaml").exists()
-    if not (resume and (run / "model.pt").exists()
-            and _stored_epochs(run) >= args.epochs):
+    if not (resume and _model_epochs(run) >= args.epochs):
         train(data / "table.star", data / "particles.mrcs", run, model, opts, resume=resume)
     return run
 
 
-def _stored_epochs(run: Path) -> int:
-    import yaml
+def _model_epochs(run: Path) -> int:
+    """Epochs behind the run's model.pt (0 if none). Not config.yaml's: a run resumed for more epochs
+    and killed records the new target there while model.pt and z.npy are still the earlier run's."""
+    import torch
 
-    return int(yaml.safe_load((run / "config.yaml").read_text())["training"]["epochs"])
+    if not (run / "model.pt").exists():
+        return 0
+    return int(torch.load(run / "model.pt", map_location="cpu", weights_only=True).get("epochs", 0))
 
 
 def gt_volume(data: Path, gid: int, cache: dict) -> np.ndarray:
