@@ -52,9 +52,11 @@ from drgn_core.models import (
 )
 
 CHECKPOINT_FORMAT = "drgnflow-checkpoint/1"
-# Options a resumed run may change: they alter speed or bookkeeping, not the optimisation itself.
+# Options a resumed run may change: speed and bookkeeping, the length of training, and the learning rate
+# (lowering it refines a run whose loss levelled off; train_log.csv records it per epoch). --auto-resume
+# treats another learning rate as another run.
 RESUMABLE = {"epochs", "lr", "device", "threads", "checkpoint_every", "checkpoint_minutes", "data_mode",
-             "chunk", "encode_every"}  # lr: lowering it on --resume refines a run (train_log.csv records it)
+             "chunk", "encode_every"}
 MODEL_OPTIONS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_type", "pe_dim", "feat_sigma",
                  "enc_mask")
 
