@@ -67,12 +67,19 @@ def simulate(outdir: Path, n: int, D: int, seed: int) -> Path:
     return outdir
 
 
+def drgn_command() -> list[str]:
+    """The installed `drgn` script, or the package run as a module where drgnflow is only on PYTHONPATH
+    (the GPU machine of bench/gpu_check.sh)."""
+    exe = Path(sys.executable).parent / "drgn"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "drgn_core.cli"]
+
+
 def drgn_run(data: Path, out: Path, width: int, layers: int, epochs: int, threads: int, device: str,
-             precision: str, env: dict) -> dict:
-    cmd = [str(Path(sys.executable).parent / "drgn"), "train", str(data / "table.star"),
+             precision: str, batch: int, env: dict) -> dict:
+    cmd = [*drgn_command(), "train", str(data / "table.star"),
            str(data / "particles.mrcs"), "-o", str(out), "--zdim", "8", "--enc-dim", str(width),
            "--enc-layers", str(layers), "--dec-dim", str(width), "--dec-layers", str(layers),
-           "--epochs", str(epochs), "--batch-size", "8", "--lr", "1e-4", "--val-frac", "0",
+           "--epochs", str(epochs), "--batch-size", str(batch), "--lr", "1e-4", "--val-frac", "0",
            "--threads", str(threads), "--device", device, "--precision", precision]
     wall, rss = run_measured(cmd, env, out.with_suffix(".log"))
     log = np.genfromtxt(out / "train_log.csv", delimiter=",", names=True, ndmin=1)
@@ -82,7 +89,7 @@ def drgn_run(data: Path, out: Path, width: int, layers: int, epochs: int, thread
 
 
 def cryodrgn_run(exe: str, data: Path, out: Path, D: int, apix: float, n: int, width: int, layers: int,
-                 epochs: int, env: dict) -> dict:
+                 epochs: int, batch: int, env: dict) -> dict:
     poses, ctf = out.parent / f"{out.name}.pose.pkl", out.parent / f"{out.name}.ctf.pkl"
     star = data / "particles.star"
     subprocess.run([exe, "parse_pose_star", str(star), "-o", str(poses), "-D", str(D)], env=env, check=True,
@@ -91,7 +98,8 @@ def cryodrgn_run(exe: str, data: Path, out: Path, D: int, apix: float, n: int, w
                    env=env, check=True, capture_output=True)
     cmd = [exe, "train_vae", str(data / "particles.mrcs"), "--poses", str(poses), "--ctf", str(ctf),
            "--zdim", "8", "-n", str(epochs), "-o", str(out), "--enc-dim", str(width),
-           "--enc-layers", str(layers), "--dec-dim", str(width), "--dec-layers", str(layers), "-b", "8",
+           "--enc-layers", str(layers), "--dec-dim", str(width), "--dec-layers", str(layers),
+           "-b", str(batch),
            "--lr", "1e-4", "--pe-type", "gaussian", "--domain", "fourier", "--uninvert-data", "--no-analysis"]
     wall, rss = run_measured(cmd, env, out.with_suffix(".log"))
     text = out.with_suffix(".log").read_text()
@@ -114,9 +122,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--epochs", type=int, default=2, help="epochs per run; the last one is reported")
+    ap.add_argument("--batch-size", type=int, default=8, help="images per batch, both programs (paper: 8)")
     ap.add_argument("--images", type=int, default=0, help="images per run (default: from --seconds)")
     ap.add_argument("--seconds", type=float, default=40.0, help="target training seconds per epoch")
     ap.add_argument("--gflops", type=float, default=60.0, help="assumed speed for choosing --images")
+    ap.add_argument("--max-images", type=int, default=5000, help="cap on the chosen image count")
     ap.add_argument("--cryodrgn", help="cryodrgn executable (default: `cryodrgn` on PATH, if any)")
     ap.add_argument("--workdir", help="keep data and runs here (default: a temporary folder)")
     ap.add_argument("--seed", type=int, default=0)
@@ -131,23 +141,23 @@ def main() -> None:
         for arch in args.arch:
             width, layers = (int(x) for x in arch.lower().split("x"))
             n = args.images or int(np.clip(args.seconds * args.gflops * 1e9
-                                           / estimate_flops_per_image(D, width, layers), 16, 5000))
+                                           / estimate_flops_per_image(D, width, layers), 16, args.max_images))
             n = max(16, n // 8 * 8)
             data = simulate(work / f"data_D{D}_n{n}", n, D, args.seed)
             apix = 3.0 * 128 / D
             entry = {"D": D, "arch": arch, "images": n, "epochs": args.epochs, "threads": args.threads,
-                     "device": args.device, "batch_size": 8}
+                     "device": args.device, "batch_size": args.batch_size}
             for prec in args.precision:
                 out = work / f"drgn_D{D}_{arch}_{prec}"
                 shutil.rmtree(out, ignore_errors=True)
                 entry[f"drgnflow_{prec}"] = drgn_run(data, out, width, layers, args.epochs, args.threads,
-                                                     args.device, prec, env)
+                                                     args.device, prec, args.batch_size, env)
             if exe:
                 out = work / f"cryodrgn_D{D}_{arch}"
                 shutil.rmtree(out, ignore_errors=True)
                 try:
                     entry["cryodrgn"] = cryodrgn_run(exe, data, out, D, apix, n, width, layers, args.epochs,
-                                                     env)
+                                                     args.batch_size, env)
                     for prec in args.precision:
                         entry[f"ratio_{prec}"] = (entry[f"drgnflow_{prec}"]["images_per_s"]
                                                   / entry["cryodrgn"]["images_per_s"])

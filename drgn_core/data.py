@@ -261,8 +261,8 @@ class ParticleData:
                     y_sorted = self._prepare_rows(seg[srt])
                     y = torch.empty_like(y_sorted)
                     y[torch.from_numpy(srt)] = y_sorted                 # back to the segment's order
-                    if pin:
-                        y = y.pin_memory()
+                    if pin:  # fp16 on the way to a GPU, as the stack held there would be: half the bytes
+                        y = y.to(self.dtype).pin_memory()
                     while not stop.is_set():
                         try:
                             q.put((seg, y), timeout=0.5)
@@ -285,6 +285,8 @@ class ParticleData:
                     raise item
                 if item is not None:  # append the new segment once; batches are then slices of it
                     seg, y = item
+                    # one large copy per chunk (asynchronous from pinned memory on a GPU), not one per batch
+                    y = y.to(self.device, non_blocking=pin)
                     buf_pos = np.concatenate([buf_pos, seg])
                     buf_y = y if buf_y is None else torch.cat([buf_y, y])
                 full = len(buf_pos) // batch_size * batch_size if item is not None else len(buf_pos)

@@ -24,8 +24,9 @@ from drgn_core.io.mrc import read_mrc
 from drgn_core.io.table import read_table
 from drgn_core.models import HalfLattice
 
+# --device cpu: what these tests promise (bit-identical resume) is a CPU promise, also on a GPU machine
 TINY = ["--zdim", "1", "--enc-dim", "32", "--enc-layers", "1", "--dec-dim", "32", "--dec-layers", "1",
-        "--threads", "1", "--lr", "1e-3"]
+        "--threads", "1", "--lr", "1e-3", "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)
