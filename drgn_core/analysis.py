@@ -94,6 +94,23 @@ def load_run(run_dir: str | os.PathLike) -> RunLatents:
     return RunLatents(run_dir, np.ascontiguousarray(z, dtype=np.float32), ind.astype(np.int64))
 
 
+def held_out_mask(run_dir: str | os.PathLike, indices: np.ndarray) -> np.ndarray | None:
+    """Mask of the run's rows held out of training (its val_indices.npy), or None when there are none.
+
+    Held-out particles have latents (z.npy covers every row) from an encoder that never saw them; at the
+    sizes measured (up to 20,000 images) those latents are close to noise, so analyses name them.
+    """
+    path = Path(run_dir) / "val_indices.npy"
+    if not path.exists():
+        return None
+    val = _load_npy(path)
+    if val.ndim != 1 or not np.issubdtype(val.dtype, np.integer):
+        raise InputError(f"expected a 1-D integer array of table rows, got shape {val.shape}", path)
+    if len(val) == 0:
+        return None
+    return np.isin(indices, val)
+
+
 # ---- PCA ------------------------------------------------------------------------------------------------
 @dataclass
 class PCA:
@@ -381,8 +398,15 @@ def analyze(run_dir: str | os.PathLike, outdir: str | os.PathLike, opts: Analyze
     labels = load_labels(opts.labels, run.indices) if opts.labels else None
     k = min(opts.ksample, run.n)
     z = run.z
-    summary: dict = {"run": str(run.run_dir), "n_particles": run.n, "zdim": run.zdim, "seed": opts.seed,
-                     "volumes": not opts.skip_volumes, "outputs": {}}
+    held = held_out_mask(run.run_dir, run.indices)
+    n_held = int(held.sum()) if held is not None else 0
+    if n_held:
+        print(f"note: {n_held} of {run.n} particles ({100 * n_held / run.n:.0f} %) were held out of training "
+              "(val_indices.npy); their latents come from an encoder that never saw them and, below about "
+              "1e5 particles, are close to noise. Retrain with --val-frac 0 to analyse every particle.",
+              file=sys.stderr)
+    summary: dict = {"run": str(run.run_dir), "n_particles": run.n, "n_held_out": n_held, "zdim": run.zdim,
+                     "seed": opts.seed, "volumes": not opts.skip_volumes, "outputs": {}}
 
     with atomic_dir(outdir) as tmp:
         def vols(points: np.ndarray, sub: str) -> None:

@@ -142,23 +142,12 @@ def _read_rows(path: Path) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _held_out(run_dir: Path, indices: np.ndarray) -> np.ndarray | None:
-    """Mask of the run's rows held out of training (val_indices.npy), or None when there are none."""
-    path = Path(run_dir) / "val_indices.npy"
-    if not path.exists():
-        return None
-    val = _read_rows(path)
-    if len(val) == 0:
-        return None
-    return np.isin(indices, val)
-
-
 def evaluate(run_dir: str | os.PathLike, table_path: str | os.PathLike, out_json: str | os.PathLike,
              gt_dir: str | os.PathLike | None = None, filter_dir: str | os.PathLike | None = None,
              n_fsc: int = 100, seed: int = 0, plot: str | os.PathLike | None = None,
              device: str = "auto") -> dict:
     """Compute every metric the inputs allow and write them as JSON (atomically)."""
-    from drgn_core.analysis import load_run
+    from drgn_core.analysis import held_out_mask, load_run
     from drgn_core.filtering import junk_scores
     from drgn_core.io.atomic import atomic_path
     from drgn_core.io.table import GT_COLUMNS, read_table
@@ -181,7 +170,7 @@ def evaluate(run_dir: str | os.PathLike, table_path: str | os.PathLike, out_json
                      "zdim": run.zdim, "junk_in_run": int(junk.sum())}
     metrics["spearman"] = spearman_metric(run.z, coord, junk)
     metrics["clustering"] = cluster_metric(run.z, states, junk, seed=seed)
-    held_out = _held_out(run.run_dir, run.indices)
+    held_out = held_out_mask(run.run_dir, run.indices)
     if held_out is not None:
         # The encoder of a few-thousand-particle run memorises its training images and does not
         # generalise: held-out latents can be noise while the trained ones are right. Say so.

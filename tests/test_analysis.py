@@ -175,6 +175,23 @@ def test_analyze_zdim1_percentiles(tmp_path):
     assert s["umap"]["reason"] == "zdim = 1 <= 2"
 
 
+def test_analyze_names_the_held_out_particles(tmp_path, capsys):
+    """A run trained with --val-frac > 0 has latents from an encoder that never saw those particles: the
+    analysis says how many, and records it; a run without held-out particles gets no note."""
+    z = np.linspace(-2, 2, 200)
+    run = make_run(tmp_path / "run", z, 10 + np.arange(200))
+    np.save(run / "val_indices.npy", np.array([12, 50, 51, 199, 5000]))  # 5000: not a row of this run
+    assert main(["analyze", str(run), "-o", str(tmp_path / "an"), "--skip-volumes", "--ksample", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "note: 4 of 200 particles (2 %) were held out of training (val_indices.npy)" in err
+    assert "--val-frac 0" in err
+    assert json.loads((tmp_path / "an" / "summary.json").read_text())["n_held_out"] == 4
+    np.save(run / "val_indices.npy", np.array([], dtype=np.int64))
+    assert main(["analyze", str(run), "-o", str(tmp_path / "an2"), "--skip-volumes", "--ksample", "2"]) == 0
+    assert "held out" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "an2" / "summary.json").read_text())["n_held_out"] == 0
+
+
 def test_analyze_writes_volumes_and_label_means(tmp_path):
     rng = np.random.default_rng(6)
     z, truth = clusters(rng, rng.normal(size=(3, 3)) * 4, [30, 30, 30])
