@@ -399,12 +399,7 @@ def analyze(run_dir: str | os.PathLike, outdir: str | os.PathLike, opts: Analyze
     k = min(opts.ksample, run.n)
     z = run.z
     held = held_out_mask(run.run_dir, run.indices)
-    n_held = int(held.sum()) if held is not None else 0
-    if n_held:
-        print(f"note: {n_held} of {run.n} particles ({100 * n_held / run.n:.0f} %) were held out of training "
-              "(val_indices.npy); their latents come from an encoder that never saw them and, below about "
-              "1e5 particles, are close to noise. Retrain with --val-frac 0 to analyse every particle.",
-              file=sys.stderr)
+    n_held = int(held.sum()) if held is not None else 0  # the command tells the user (drgn analyze)
     summary: dict = {"run": str(run.run_dir), "n_particles": run.n, "n_held_out": n_held, "zdim": run.zdim,
                      "seed": opts.seed, "volumes": not opts.skip_volumes, "outputs": {}}
 

@@ -259,10 +259,10 @@ class ParticleData:
                 for seg in self._segments(order):
                     srt = np.argsort(seg, kind="stable")
                     y_sorted = self._prepare_rows(seg[srt])
-                    y = torch.empty_like(y_sorted)
-                    y[torch.from_numpy(srt)] = y_sorted                 # back to the segment's order
-                    if pin:  # fp16 on the way to a GPU, as the stack held there would be: half the bytes
-                        y = y.to(self.dtype).pin_memory()
+                    # back to the segment's order, written once into the buffer that travels: pinned and
+                    # fp16 on the way to a GPU (as the stack held there would be: half the bytes)
+                    y = torch.empty(y_sorted.shape, dtype=self.dtype, pin_memory=pin)
+                    y[torch.from_numpy(srt)] = y_sorted
                     while not stop.is_set():
                         try:
                             q.put((seg, y), timeout=0.5)

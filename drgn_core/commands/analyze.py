@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "latent-space analysis of a trained run: PCA, UMAP, k-means centres, PC traversals, volumes"
 DESCRIPTION = """\
@@ -56,5 +57,11 @@ def run(args: argparse.Namespace) -> int:
                           skip_volumes=args.skip_volumes, skip_umap=args.skip_umap,
                           umap_max_fit=args.umap_max_fit, labels=args.labels, D=args.D, device=args.device)
     s = analyze(args.run, args.outdir, opts)
+    if s["n_held_out"]:
+        n, held = s["n_particles"], s["n_held_out"]
+        print(f"note: {held} of {n} particles ({100 * held / n:.0f} %) were held out of training "
+              "(val_indices.npy); their latents come from an encoder that never saw them and, below about "
+              "1e5 particles, are close to noise. Retrain with --val-frac 0 to analyse every particle.",
+              file=sys.stderr)
     print(f"analysed {s['n_particles']} particles (zdim {s['zdim']}) → {args.outdir}")
     return 0
