@@ -1,4 +1,4 @@
-"""Latent-space plots shared by analyze, filter, traverse and evaluate.
+"""Plots shared by analyze, filter, traverse and evaluate: latent spaces, and maps as contact sheets.
 
 Every figure is drawn with matplotlib's non-interactive 'Agg' backend (the commands run on cluster nodes
 with no display) and written atomically as PNG. Scatter plots of a million points are slow to draw and
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +193,134 @@ def curves(x: np.ndarray, ys: np.ndarray, path: str | os.PathLike, xlabel: str, 
     if title:
         ax.set_title(title)
     return save(fig, path)
+
+
+# ---- maps as pictures (the one home of "volume to picture") ---------------------------------------------
+
+#: The six views of a map, in column order: central slices, then sums along the remaining axis.
+#: Maps are arrays [z, y, x]; each view is shown with its first axis downward, as numpy and RELION show
+#: them ("XY" has rows y and columns x; "XZ" rows z, columns x; "YZ" rows z, columns y).
+VIEW_NAMES = ("XY slice", "XZ slice", "YZ slice", "XY projection", "XZ projection", "YZ projection")
+#: Rows per contact sheet: a longer series (a 100-frame traversal) is shown at this many evenly spaced maps,
+#: first and last included, so the sheet stays a page people can take in at a glance.
+MAX_SHEET_ROWS = 20
+#: On-screen size of one panel: small boxes are enlarged by whole-pixel repetition (no smoothing hides
+#: the voxels), large ones are averaged down in whole blocks.
+PANEL_PX = 128
+#: Percentiles of the series' values mapped to black and white: one scale for all slices and one for all
+#: projections of a series, so maps can be compared by eye (a weaker map looks fainter), while a few
+#: extreme voxels (decoder ringing at the box edge) do not wash the rest out.
+GREY_PERCENTILES = (0.5, 99.5)
+_SHEET_DPI = 100
+_LABEL_W, _HEADER_H, _TITLE_H, _GAP = 96, 22, 24, 4
+
+
+def volume_views(vol: np.ndarray) -> np.ndarray:
+    """The six views of one map (VIEW_NAMES order) as a (6, D, D) float32 array.
+
+    Slices are taken through the box centre, index D // 2, the origin of the project's centred Fourier
+    convention (docs/architecture.md); projections sum every voxel along the viewing axis.
+    """
+    v = np.asarray(vol, dtype=np.float32)
+    if v.ndim != 3 or len(set(v.shape)) != 1:
+        raise ValueError(f"expected a cubic map (D, D, D), got shape {v.shape}")
+    c = v.shape[0] // 2
+    return np.stack([v[c], v[:, c, :], v[:, :, c], v.sum(0), v.sum(1), v.sum(2)])
+
+
+def grey_levels(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Values to 8-bit grey: lo and below black, hi and above white, linear in between."""
+    v = np.asarray(values, dtype=np.float64)
+    scaled = (v - lo) / (hi - lo) if hi > lo else np.zeros(v.shape)
+    return np.round(255.0 * np.clip(scaled, 0.0, 1.0)).astype(np.uint8)
+
+
+def _panel_pixels(D: int) -> tuple[int, int]:
+    """(repeat, block) for a D-voxel view: enlarge small boxes by repetition, shrink big ones by averaging."""
+    if D <= PANEL_PX:
+        return max(1, PANEL_PX // D), 1
+    return 1, -(-D // PANEL_PX)
+
+
+def _resize(img: np.ndarray, repeat: int, block: int) -> np.ndarray:
+    if block > 1:
+        n = (img.shape[0] // block) * block
+        img = img[:n, :n].reshape(n // block, block, n // block, block).mean(axis=(1, 3))
+    return np.repeat(np.repeat(img, repeat, 0), repeat, 1) if repeat > 1 else img
+
+
+@dataclass
+class ContactSheet:
+    """Where each panel of a written contact sheet lies, so tests and callers can find a map's view.
+
+    `boxes[r][c]` is the (top, left) pixel of row r (the map `shown[r]` of the series) and column c
+    (VIEW_NAMES[c]); each panel is `panel` pixels square. `scales` holds the (black, white) values of the
+    slices and of the projections.
+    """
+
+    path: Path
+    shown: list[int]
+    panel: int
+    repeat: int
+    block: int
+    boxes: list[list[tuple[int, int]]]
+    scales: dict[str, tuple[float, float]]
+
+
+def volume_sheet(vols: np.ndarray | Sequence[np.ndarray], path: str | os.PathLike,
+                 names: Sequence[str] | None = None, title: str | None = None,
+                 max_rows: int = MAX_SHEET_ROWS) -> ContactSheet:
+    """A contact sheet of a map series as PNG: one row per map, columns VIEW_NAMES, shared grey scales.
+
+    The panels are placed pixel for pixel (no resampling by the plotting library), so a panel of the PNG
+    holds exactly `grey_levels` of the view, enlarged by whole-pixel repetition. Series longer than
+    `max_rows` are shown at evenly spaced maps, first and last included (`shown`).
+    """
+    from drgn_core.traversal import even_subsample
+
+    m = len(vols)
+    if m == 0:
+        raise ValueError("no maps to picture")
+    shown = even_subsample(m, max_rows).tolist()
+    views = np.stack([volume_views(vols[i]) for i in shown])          # (rows, 6, D, D)
+    scales = {}
+    for kind, cols in (("slice", slice(0, 3)), ("projection", slice(3, 6))):
+        lo, hi = np.percentile(views[:, cols], GREY_PERCENTILES)
+        scales[kind] = (float(lo), float(hi))
+    D = views.shape[-1]
+    repeat, block = _panel_pixels(D)
+    panel = (D // block) * repeat
+    top0 = (_TITLE_H if title else 0) + _HEADER_H
+    width = _LABEL_W + len(VIEW_NAMES) * (panel + _GAP)
+    height = top0 + len(shown) * (panel + _GAP)
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    boxes = []
+    for r in range(len(shown)):
+        row = []
+        for c in range(len(VIEW_NAMES)):
+            top, left = top0 + r * (panel + _GAP), _LABEL_W + c * (panel + _GAP)
+            lo, hi = scales["slice" if c < 3 else "projection"]
+            canvas[top:top + panel, left:left + panel] = grey_levels(_resize(views[r, c], repeat, block),
+                                                                     lo, hi)[..., None]
+            row.append((top, left))
+        boxes.append(row)
+
+    plt = _pyplot()
+    fig = plt.figure(figsize=(width / _SHEET_DPI, height / _SHEET_DPI), dpi=_SHEET_DPI)
+    fig.figimage(canvas, 0, 0, origin="upper")
+
+    def text(x: float, y: float, s: str, **kw) -> None:  # pixel coordinates from the top-left corner
+        fig.text(x / width, 1.0 - y / height, s, fontsize=8, va="center", **kw)
+
+    if title:
+        text(4, _TITLE_H / 2, title, weight="bold")
+    for c, name in enumerate(VIEW_NAMES):
+        text(_LABEL_W + c * (panel + _GAP) + panel / 2, top0 - _HEADER_H / 2, name, ha="center")
+    for r, i in enumerate(shown):
+        label = names[i] if names is not None else f"map {i}"
+        text(4, top0 + r * (panel + _GAP) + panel / 2, label)
+    out = Path(path)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=_SHEET_DPI)
+    plt.close(fig)
+    return ContactSheet(out, shown, panel, repeat, block, boxes, scales)

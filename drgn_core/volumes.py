@@ -2,7 +2,8 @@
 
 `models.generate_volumes` evaluates the decoder; this module handles what users ask of the result —
 reading latent values from the command line or files, low-pass filtering, flipping the hand — and writes
-`vol_000.mrc`, `vol_001.mrc`, … with the voxel size, plus `z_values.txt` (row i = the z of volume i).
+`vol_000.mrc`, `vol_001.mrc`, … with the voxel size, plus `z_values.txt` (row i = the z of volume i)
+and `maps.png`, a contact sheet of the series (central slices and projections of every map).
 The analysis, traversal and evaluation stages call `write_volume_series` and `decode_volumes` too.
 """
 
@@ -24,9 +25,18 @@ def volume_name(prefix: str, i: int, m: int) -> str:
     return f"{prefix}_{i:0{max(3, len(str(m - 1)))}d}.mrc"
 
 
+def sheet_name(prefix: str) -> str:
+    """The contact sheet beside a series: `maps.png`, or `prefix_maps.png` (as for z_values.txt)."""
+    return "maps.png" if prefix == "vol" else f"{prefix}_maps.png"
+
+
 def write_volume_series(vols: np.ndarray, z: np.ndarray | None, outdir: str | os.PathLike, apix: float,
-                        prefix: str = "vol") -> list[Path]:
+                        prefix: str = "vol", picture: bool = True) -> list[Path]:
     """Write vols (m, D, D, D) as outdir/prefix_000.mrc … and z (m, zdim) as outdir/z_values.txt.
+
+    With `picture`, a contact sheet of the series (`plots.volume_sheet`: central slices and projections,
+    one row per map) is written beside the maps as `maps.png`, so whoever opens the folder — the report,
+    or a user of `drgn volumes`, `drgn analyze` or `drgn traverse` — sees the maps without a 3-D viewer.
 
     Each file is written atomically; z_values.txt goes last, so a complete series always has it.
     Stale files `prefix_NNN.mrc` from an earlier, longer series in the same folder are removed, so the
@@ -49,6 +59,12 @@ def write_volume_series(vols: np.ndarray, z: np.ndarray | None, outdir: str | os
     for old in out.iterdir():
         if pattern.fullmatch(old.name) and old.name not in keep:
             old.unlink()
+    if picture:
+        from drgn_core.plots import volume_sheet
+
+        D = vols.shape[-1]
+        volume_sheet(vols, out / sheet_name(prefix), names=[p.stem for p in paths],
+                     title=f"{out.name}: {m} map{'s' if m != 1 else ''}, D = {D}, {apix:.3g} Å/voxel")
     zz = np.zeros((m, 0)) if z is None else np.asarray(z, dtype=np.float64).reshape(m, -1)
     name = "z_values.txt" if prefix == "vol" else f"{prefix}_z_values.txt"
     with atomic_path(out / name) as tmp:

@@ -43,7 +43,8 @@ def test_series_files_voxel_size_and_z_values(tmp_path):
     write_volume_series(vols[:1], z[:1], tmp_path, apix=2.5)
     write_volume_series(vols[:2], z[:2], tmp_path, apix=2.5, prefix="kmeans")
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["kmeans_000.mrc", "kmeans_001.mrc", "kmeans_z_values.txt", "vol_000.mrc", "z_values.txt"]
+    assert names == ["kmeans_000.mrc", "kmeans_001.mrc", "kmeans_maps.png", "kmeans_z_values.txt", "maps.png",
+                     "vol_000.mrc", "z_values.txt"]
     assert not list(tmp_path.glob(".*part"))
 
 

@@ -21,7 +21,8 @@ Analyse the latent space of a drgn train run (its z.npy and indices.npy) the way
   labels/                                                           --labels: a volume at each label's mean z
   summary.json                                                      all numbers above
 
-Every volume folder holds vol_NNN.mrc and z_values.txt. The output folder is written whole, atomically.
+Every volume folder holds vol_NNN.mrc, z_values.txt and maps.png (central slices and projections of
+every map, one row per map). The output folder is written whole, atomically.
 --labels takes a .npy or .txt (one label per line) aligned to the canonical table's rows (e.g. published
 3D classes). Use the same --seed in drgn filter's kmeans rule to get the same cluster ids.
 

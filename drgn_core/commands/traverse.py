@@ -24,8 +24,8 @@ exists — ordered starting from the one with the lowest PC1, then always to the
 
 Outputs: path_ind.npy/.txt (graph: canonical rows visited), z_path.txt, path.png (on PC1/PC2),
 volumes/vol_NNN.mrc + z_values.txt (at most --max-volumes, spread evenly along the path, ends included),
-traverse.json. If two consecutive anchors lie in different parts of the graph the command stops with
-an error naming them.
+volumes/maps.png (central slices and projections of every map, one row per map), traverse.json. If two
+consecutive anchors lie in different parts of the graph the command stops with an error naming them.
 
 Examples:
   drgn traverse results/highres/train -o results/traverse --anchors 1021,5530,80412

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "generate density maps from a trained model at given latent values"
 DESCRIPTION = """\
 Evaluate a trained model's decoder at latent points and write one .mrc per point (vol_000.mrc, …, with
-the voxel size set) and z_values.txt (row i = the latent value of vol_i). Latent values come from --z
-(numbers separated by commas or spaces; each group of zdim numbers is one point; repeatable) and/or
---z-file (.txt, one point per line, or .npy of shape (m, zdim)). A homogeneous model (zdim 0) needs
-neither and writes one map.
+the voxel size set), z_values.txt (row i = the latent value of vol_i) and maps.png, a contact sheet
+of the maps (one row per map: central XY/XZ/YZ slices and projections on shared grey scales). Latent
+values come from --z (numbers separated by commas or spaces; each group of zdim numbers is one point;
+repeatable) and/or --z-file (.txt, one point per line, or .npy of shape (m, zdim)). A homogeneous model
+(zdim 0) needs neither and writes one map.
 
 -D resamples in Fourier space (smaller: cropped; larger: interpolated); the voxel size follows
 (training pixel size × D_train / D) unless --apix is given. --lowpass filters to a resolution in Å
@@ -24,7 +26,7 @@ Example:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory of drgn train (or its model.pt)")
-    p.add_argument("-o", "--outdir", required=True, help="folder for vol_NNN.mrc and z_values.txt")
+    p.add_argument("-o", "--outdir", required=True, help="folder for vol_NNN.mrc, z_values.txt and maps.png")
     p.add_argument("--z", action="append", metavar="VALUES", help="latent values, e.g. '0.1' or '0.1,0.5'")
     p.add_argument("--z-file", help="latent values: .txt (one point per line) or .npy (m × zdim)")
     p.add_argument("-D", type=int, dest="D", help="box size of the maps (default: the training box)")
@@ -55,5 +57,8 @@ def run(args: argparse.Namespace) -> int:
         z = parse_z_values(args.z, args.z_file, cfg.zdim)
     paths = decode_volumes(args.run, z, args.outdir, D=args.D, apix=args.apix, lowpass_A=args.lowpass,
                            flip=args.flip, prefix=args.prefix, device=str(device))
-    print(f"wrote {len(paths)} volume(s) to {args.outdir}")
+    from drgn_core.volumes import sheet_name
+
+    print(f"wrote {len(paths)} volume(s) to {args.outdir}; picture: "
+          f"{Path(args.outdir) / sheet_name(args.prefix)}")
     return 0
