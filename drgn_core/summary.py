@@ -259,8 +259,21 @@ def build_summary(inputs: SummaryInputs) -> dict:
         bench = read_benchmarks(inputs.benchmarks)
         summary["runtimes"] = bench
         summary["total_seconds"] = round(sum(r["seconds"] for r in bench), 1)
+    if inputs.highres is not None:
+        summary["explore"] = explore_command(inputs.highres)
     summary["headline"] = headline(summary)
     return {"headline": summary.pop("headline"), **summary}
+
+
+def explore_command(run: Path) -> str:
+    """The command line that opens the high-res run in the explorer (`drgn explore`), for the report.
+
+    The path is the one the summary was given, so in the workflow it is relative to the folder Snakemake
+    ran in, where the user reads the report; it is shell-quoted so it can be pasted as it is.
+    """
+    import shlex
+
+    return f"drgn explore {shlex.quote(str(run))}"
 
 
 def headline(summary: dict) -> dict:
@@ -307,6 +320,7 @@ def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         names = {"input": "particles in", "junk_injected": "junk injected (ground truth)", "kept": "kept",
                  "removed": "removed", "kept_percent": "kept (%)"}
         tables.append(("Particles", ["", "count"], [[names.get(k, k), _fmt(v)] for k, v in p.items()]))
+    if "filter" in summary:
         tables.append(("Filter", ["", "value"], [[k, _fmt(v)] for k, v in summary["filter"].items()]))
     if summary.get("ground_truth"):
         runs = summary["ground_truth"]
@@ -321,7 +335,6 @@ def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 "final_val_loss", "images_per_s", "train_seconds"]
         tables.append(("Training", [c.replace("_", " ") for c in cols],
                        [[_fmt(r.get(c)) for c in cols] for r in summary["training"]]))
-        tables.append(("Filter", ["field", "value"], [[k, _fmt(v)] for k, v in summary["filter"].items()]))
     if "runtimes" in summary:
         rows = [[r["stage"], r["job"], _fmt(r["seconds"]), _fmt(r["max_rss_mb"])]
                 for r in summary["runtimes"]]
@@ -339,6 +352,9 @@ def to_html(summary: dict, title: str = "drgnflow summary") -> str:
              "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f0f0f0}"
              "td:not(:first-child){font-variant-numeric:tabular-nums}</style></head><body>",
              f"<h1>{e(title)}</h1>"]
+    if summary.get("explore"):
+        parts.append("<h2>Explore the run</h2><p>Look at the latent space, select particles and decode their "
+                     f"maps in the browser:</p><pre><code>{e(summary['explore'])}</code></pre>")
     for name, header, rows in _tables(summary):
         parts.append(f"<h2>{e(name)}</h2><table><tr>{''.join(f'<th>{e(h)}</th>' for h in header)}</tr>")
         parts.extend(f"<tr>{''.join(f'<td>{e(c)}</td>' for c in row)}</tr>" for row in rows)
@@ -350,6 +366,8 @@ def to_html(summary: dict, title: str = "drgnflow summary") -> str:
 def to_rst(summary: dict) -> str:
     """The summary tables as reStructuredText list-tables."""
     out = []
+    if summary.get("explore"):
+        out += ["Explore the run", "---------------", "", "::", "", f"   {summary['explore']}", ""]
     for name, header, rows in _tables(summary):
         out += [name, "-" * len(name), "", ".. list-table::", "   :header-rows: 1", ""]
         for row in [header, *rows]:

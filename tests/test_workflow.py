@@ -315,6 +315,7 @@ def test_summarize_reads_every_stage(tmp_path):
                              "junk filter recall": 0.75, "junk filter F1": 0.8182,
                              "|Spearman ρ|, highres/train": 0.97, "back-projection GSFSC 0.143 (Å)": 14.5,
                              "job time, all jobs (s)": 20.0}
+    assert s["explore"] == f"drgn explore {tmp_path / 'highres'}"
     assert s["particles"] == {"kept": 90, "removed": 10}
     assert s["filter"] == {"pilot/z10: gmm removed": 10, "pilot/z10: kept": 90,
                            "combined (intersection): kept": 90, "combined (intersection): removed": 10,
@@ -334,6 +335,8 @@ def test_summarize_reads_every_stage(tmp_path):
     page = html.read_text()
     assert "<td>|Spearman ρ| vs GT coordinate</td><td>0.97</td>" in page and "<td>14.5</td>" in page
     assert "<td>NMI</td>" not in page  # metrics a run does not have are left out
+    assert page.count("<h2>Filter</h2>") == 1
+    assert f"<pre><code>drgn explore {tmp_path / 'highres'}</code></pre>" in page
     assert rst.read_text() == to_rst(s) and "   * - junk filter F1\n     - 0.8182" in rst.read_text()
 
 

@@ -10,7 +10,8 @@ Gather the numbers a reader of the workflow report wants first: particles in, ke
 filter; for each training run its size, epochs, final losses and speed; the back-projection's
 gold-standard resolution; ground-truth metrics (simulated data: junk-filter precision/recall/F1,
 |Spearman rho|, ARI, per-image FSC); and the run time and peak memory of every job, from Snakemake's
-benchmark files. Nothing is recomputed: each number is read from a stage's output. Writes JSON, and an
+benchmark files. Nothing is recomputed: each number is read from a stage's output. With --highres it
+also gives the command that opens that run in the explorer (`drgn explore RUN`). Writes JSON, and an
 HTML page (embedded in `snakemake --report`) and reStructuredText when asked.
 
 Example:

@@ -10,8 +10,8 @@ rule analyze_highres:
             directory(f"{R}/highres/analyze"),
             patterns=["{name}.png"],
             caption="../report/analyze.rst",
-            category="4. Latent space",
-            labels={"figure": "{name}"},
+            category=get_report_category("4. Latent space"),
+            labels=get_report_label("{name}"),
         ),
     log:
         "logs/analyze/analyze.log",

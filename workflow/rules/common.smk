@@ -184,3 +184,46 @@ def get_traverse_anchors():
     if t["anchors"]:
         return "--anchors " + ",".join(str(a) for a in t["anchors"])
     return f"--kmeans {t['kmeans']} --seed {t['seed']}"
+
+
+# ---- the report's map pictures ------------------------------------------------------------------------
+# Every series of decoded maps (k-means centres, PC traversals, the graph traversal) has a contact sheet
+# beside it, <series>/maps.png (drgn_core.plots.volume_sheet); the report shows them in a category of their
+# own, so all maps of a run are seen together, each labelled by what its series is.
+MAPS_CATEGORY = "4. Maps"
+
+
+def is_map_sheet(name):
+    """Whether a report pattern's {name} (a path inside analyze/ or traverse/) is a map contact sheet."""
+    return Path(name).name == "maps"
+
+
+def get_report_category(default):
+    """Report category of the figures of a directory output: map sheets go to MAPS_CATEGORY."""
+    return lambda wildcards: MAPS_CATEGORY if is_map_sheet(wildcards.name) else default
+
+
+def describe_map_series(folder):
+    """What a volume-series folder of drgn analyze / drgn traverse holds, in words, for the report."""
+    if folder.startswith("kmeans"):
+        return f"k-means centres, k = {folder[len('kmeans'):]}"
+    if folder.startswith("pc"):
+        return f"along PC{folder[len('pc'):]}"
+    named = {
+        "percentiles": "z percentiles",
+        "labels": "label means",
+        "volumes": "along the traversal",
+    }
+    return named.get(folder, folder)
+
+
+def get_report_label(prefix=""):
+    """Report label of the figures of a directory output: map sheets are named by their series."""
+
+    def label(wildcards):
+        if is_map_sheet(wildcards.name):
+            folder = Path(wildcards.name).parent.as_posix()
+            return {"figure": f"maps: {describe_map_series(folder)} ({folder}/)"}
+        return {"figure": prefix.format(name=wildcards.name)}
+
+    return label

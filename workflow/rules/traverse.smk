@@ -10,8 +10,8 @@ rule traverse_highres:
             directory(f"{R}/highres/traverse"),
             patterns=["{name}.png"],
             caption="../report/traverse.rst",
-            category="4. Latent space",
-            labels={"figure": "traversal ({name})"},
+            category=get_report_category("4. Latent space"),
+            labels=get_report_label("traversal ({name})"),
         ),
     log:
         "logs/traverse/traverse.log",
