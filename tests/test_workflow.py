@@ -10,9 +10,13 @@ config and seed give the same kept particles.
 
 from __future__ import annotations
 
+import base64
 import copy
+import csv
+import html
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -391,8 +395,115 @@ def test_full_run_outputs(completed_run):
 def test_report_builds(completed_run):
     workdir, cfg = completed_run
     run_snakemake(workdir, cfg, "--report", "report.html", timeout=300)
-    page = (workdir / "report.html").read_text(errors="replace")
-    assert len(page) > 10_000 and "drgnflow" in page
+    check_report(workdir, workdir / "report.html")
+
+
+def _report_data(page: str) -> tuple[dict, dict]:
+    """The report's embedded items (path -> labels, data URI, …) and its categories (JSON in <script>)."""
+    found = {}
+    for var in ("results", "categories"):
+        m = re.search(rf"var {var} = (\{{.*?\}});?\s*\n", page)
+        assert m, f"no `var {var}` in the report"
+        found[var] = json.loads(m.group(1))
+    return found["results"], found["categories"]
+
+
+def _embedded(item: dict) -> bytes:
+    return base64.b64decode(item["data_uri"].split("base64,", 1)[1])
+
+
+def _html_tables(page: str) -> dict[str, list[list[str]]]:
+    """The summary page's tables by their <h2> title: rows of cell texts (header row first)."""
+    tables = {}
+    for title, body in re.findall(r"<h2>([^<]*)</h2><table>(.*?)</table>", page, re.S):
+        rows = [[html.unescape(c) for c in re.findall(r"<t[hd]>(.*?)</t[hd]>", row)]
+                for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+        assert title not in tables, f"table {title!r} shown twice"
+        tables[html.unescape(title)] = rows
+    return tables
+
+
+def _cell(text: str) -> float | None:
+    """A formatted number of the summary page ("1,234", "0.3333", "–" for none)."""
+    return None if text == "–" else float(text.replace(",", ""))
+
+
+def _same(cell: str, value) -> bool:
+    """A cell shows `value` to the 4 significant digits the page prints (None: the cell is empty)."""
+    return _cell(cell) is None if value is None else _cell(cell) == pytest.approx(value, rel=5e-4, abs=1e-9)
+
+
+def check_report(workdir: Path, report: Path) -> None:
+    """What a reader of the report must find, each value traced back to the stage output that holds it:
+    every figure the workflow wrote (the map contact sheets of every decoded series among them), the
+    summary table's counts, filter scores, |Spearman ρ|, resolution, epochs and job time, and the command
+    that opens the run in the explorer."""
+    r = workdir / "results"
+    items, categories = _report_data(report.read_text(errors="replace"))
+    # every figure, byte for byte
+    pngs = sorted(p.relative_to(workdir).as_posix() for p in r.rglob("*.png"))
+    assert len(pngs) >= 15 and not set(pngs) - set(items), set(pngs) - set(items)
+    for name in pngs:
+        assert _embedded(items[name]) == (workdir / name).read_bytes(), name
+    # every series of decoded maps is pictured, and the pictures are gathered in their own category
+    series = sorted({p.parent for p in (r / "highres").rglob("vol_*.mrc")})
+    assert {s.relative_to(r).as_posix() for s in series} >= {"highres/analyze/kmeans4", "highres/analyze/pc1",
+                                                              "highres/traverse/volumes"}
+    sheets = {(s / "maps.png").relative_to(workdir).as_posix() for s in series}
+    assert set(categories["4. Maps"]["Other"]) == sheets
+    assert items["results/highres/analyze/kmeans4/maps.png"]["labels"] == {
+        "figure": "maps: k-means centres, k = 4 (kmeans4/)"}
+
+    # the summary table, against the files the stages wrote
+    page = _embedded(items["results/report/summary.html"]).decode()
+    assert page == (r / "report" / "summary.html").read_text()
+    assert "<pre><code>drgn explore results/highres/train</code></pre>" in page
+    tables = _html_tables(page)
+    key = {row[0]: row[1] for row in tables["Key results"][1:]}
+    kept, removed = np.load(r / "filter" / "kept.npy"), np.load(r / "filter" / "removed.npy")
+    n = TINY_CONFIG["simulate"]["n"]
+    assert _same(key["particles in"], n)
+    assert _same(key["kept"], len(kept)) and _same(key["removed"], len(removed))
+    assert len(kept) + len(removed) == n
+    gt = json.loads((r / "filter" / "filter.json").read_text())["ground_truth"]
+    for label, field in (("junk filter precision", "precision"), ("junk filter recall", "recall"),
+                         ("junk filter F1", "f1")):
+        assert _same(key[label], gt[field]), (label, key[label], gt[field])
+    particles = {row[0]: row[1] for row in tables["Particles"][1:]}
+    junk = round(n * TINY_CONFIG["simulate"]["junk_fraction"])
+    assert _same(particles["junk injected (ground truth)"], junk)
+    assert _same(particles["junk injected (ground truth)"], gt["true_junk"])
+    metric_files = {"highres/train": r / "validation" / "metrics.json",
+                    **{f"pilot/z{z}": r / "validation" / f"metrics_pilot_z{z}.json"
+                       for z in TINY_CONFIG["pilot"]["zdims"]}}
+    gt_table = tables["Ground-truth metrics"]
+    rho_row = next(row for row in gt_table if row[0] == "|Spearman ρ| vs GT coordinate")
+    for run, path in metric_files.items():
+        rho = json.loads(path.read_text())["spearman"]["value"]
+        assert _same(key[f"|Spearman ρ|, {run}"], rho), run
+        assert _same(rho_row[gt_table[0].index(run)], rho), run
+    fsc = json.loads((r / "validation" / "backproject" / "fsc.json").read_text())
+    assert _same(key["back-projection GSFSC 0.143 (Å)"], fsc["resolution_0.143_A"])
+    bp = {row[0]: row[1] for row in tables["Back-projection of the kept particles"][1:]}
+    assert _same(bp["gsfsc_0.143_masked_A"], fsc["masked"]["resolution_0.143_A"])
+    assert _same(bp["n_particles"], len(kept))
+    # training: one row per run, epochs = rows of its log, the high-res run trained on the kept particles
+    header, *rows = tables["Training"]
+    col = {h: i for i, h in enumerate(header)}
+    runs = {f"pilot z{z}": r / "pilot" / f"z{z}" for z in TINY_CONFIG["pilot"]["zdims"]}
+    runs["high-res"] = r / "highres" / "train"
+    assert [row[0] for row in rows] == list(runs)
+    for row in rows:
+        with open(runs[row[0]] / "train_log.csv") as f:
+            log = list(csv.DictReader(f))
+        assert _same(row[col["epochs"]], len(log)) and _same(row[col["final loss"]], float(log[-1]["loss"]))
+    high = rows[-1]
+    assert _cell(high[col["train"]]) + _cell(high[col["validation"]]) == len(kept)
+    # job time: the sum of Snakemake's benchmark files of the stages (the summary's own is not counted)
+    bench = [p for p in workdir.rglob("*.tsv") if p.parent.parent.name == "benchmarks"]
+    seconds = [round(float(next(csv.DictReader(open(p), delimiter="\t"))["s"]), 1) for p in bench]
+    assert len(bench) >= 10 and _same(key["job time, all jobs (s)"], sum(seconds))
+    assert len(tables["Run times (Snakemake benchmarks)"]) == len(bench) + 2   # header and total
 
 
 @pytest.mark.slow
