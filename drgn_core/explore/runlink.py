@@ -1,0 +1,15 @@
+"""The explorer's one door to a run directory.
+
+Everything the explorer needs from `drgn train` / `drgn analyze` outputs (latents and their table rows,
+held-out rows, the run's recorded inputs, decoding maps, the device) is imported here and nowhere else in
+drgn_core.explore, so that when these helpers move (one run-directory module) only this file changes.
+"""
+
+from __future__ import annotations
+
+from drgn_core.analysis import RunLatents, fit_pca, held_out_mask, kmeans, load_run, nearest_rows
+from drgn_core.analysis import generate_volumes as decode_maps
+from drgn_core.train import read_run_config, resolve_device
+
+__all__ = ["RunLatents", "decode_maps", "fit_pca", "held_out_mask", "kmeans", "load_run", "nearest_rows",
+           "read_run_config", "resolve_device"]
