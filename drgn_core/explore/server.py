@@ -198,7 +198,9 @@ class Handler(BaseHTTPRequestHandler):
 
     # ---- the page and its data ----------------------------------------------------------------------
     def get_index(self, q) -> None:
-        self._static("index.html")
+        """The page, with the token in its own script and style links (they need it like every request)."""
+        html = resources.files("drgn_core.explore").joinpath("static", "index.html").read_text()
+        self._send(200, html.replace("{{TOKEN}}", self.app.token).encode(), STATIC["index.html"])
 
     def get_api_meta(self, q) -> None:
         meta = self.app.data.meta()
