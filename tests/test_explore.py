@@ -299,15 +299,8 @@ def test_selection_round_trips_save_load_save(page, server):
 
 
 def test_map_decoded_from_the_page_equals_drgn_volumes_at_the_same_z(page, server, world, tmp_path):
-    box, x0, x1, y0, y1 = view(page)
-    page.select_option("#tool", "pick")
     drawn = np.frombuffer(api(server, "/api/sample")[1], dtype=np.int32)
-    p = int(drawn[0])
-    x, y = (float(v) for v in world["umap"][p])
-    px, py = (x - x0) / (x1 - x0) * 600, (y1 - y) / (y1 - y0) * 600
-    page.mouse.click(box["x"] + px, box["y"] + py)
-    page.wait_for_function("document.getElementById('info').dataset.clicked !== undefined")
-    pos = int(page.get_attribute("#info", "data-clicked"))   # the nearest drawn point to the click
+    pos = click_point(page, server, world, int(drawn[0]))
     page.click("#vol-point")
     page.wait_for_function("document.getElementById('volinfo').dataset.id !== undefined", timeout=30_000)
     settle(page)
@@ -366,19 +359,39 @@ def test_export_from_the_page_writes_cs_and_csg(page, server, world):
     assert [int(u) for u in (out / "uids.txt").read_text().split()] == [int(u) for u in table.uids()[rows]]
 
 
-def test_traversal_between_kmeans_centres_from_the_page(page, server, world):
-    page.click("#anchor-centres")
-    settle(page)
+def click_point(page, server, world, p: int) -> int:
+    """Click drawn particle `p` with the pick tool → the position the page picked (its nearest point)."""
+    box, x0, x1, y0, y1 = view(page)
+    page.select_option("#tool", "pick")
+    x, y = (float(v) for v in world["umap"][p])
+    page.evaluate("delete document.getElementById('info').dataset.clicked")
+    page.mouse.click(box["x"] + (x - x0) / (x1 - x0) * 600, box["y"] + (y1 - y) / (y1 - y0) * 600)
+    page.wait_for_function("document.getElementById('info').dataset.clicked !== undefined")
+    return int(page.get_attribute("#info", "data-clicked"))
+
+
+def test_traversal_between_picked_anchors_from_the_page(page, server, world):
+    drawn = np.frombuffer(api(server, "/api/sample")[1], dtype=np.int32)
+    in0 = [int(p) for p in drawn if world["labels"][p] == 0]
+    zc = world["z"][in0]
+    centre = zc.mean(0)   # two points of the cluster's core, apart along z1 (outliers are graph islands)
+    a, b = (in0[int(np.argmin(((zc - centre - [s, 0, 0]) ** 2).sum(1)))] for s in (-0.5, 0.5))
+    anchors = []
+    for p in (a, b):
+        anchors.append(click_point(page, server, world, p))
+        page.click("#anchor-add")
     page.fill("#trav-n", "3")
     page.click("#traverse")
-    page.wait_for_function("document.getElementById('scatter').dataset.path !== undefined", timeout=60_000)
+    page.wait_for_function("document.getElementById('scatter').dataset.path !== undefined || "
+                           "document.getElementById('status').style.color === 'rgb(255, 136, 136)'",
+                           timeout=60_000)
     settle(page)
+    assert page.get_attribute("#scatter", "data-path") is not None, page.inner_text("#status")
     folder = server["out"] / "traversals" / "selection_path"
     assert sorted(p.name for p in folder.glob("vol_*.mrc")) == ["vol_000.mrc", "vol_001.mrc", "vol_002.mrc"]
     zv = np.loadtxt(folder / "z_values.txt", ndmin=2)
-    c = world["centres_pos"]
-    np.testing.assert_allclose(zv[0], world["z"][c[0]], atol=1e-5)
-    np.testing.assert_allclose(zv[-1], world["z"][c[-1]], atol=1e-5)
+    np.testing.assert_allclose(zv[0], world["z"][anchors[0]], atol=1e-5)
+    np.testing.assert_allclose(zv[-1], world["z"][anchors[1]], atol=1e-5)
     assert page.get_attribute("#series", "max") == "2"
     shot = os.environ.get("DRGN_EXPLORE_SCREENSHOT")   # docs/explore.png is made this way
     page.screenshot(path=shot or str(server["out"] / "screenshot.png"))
