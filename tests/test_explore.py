@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest_latent import add_tiny_model, clusters, make_run
+
 from drgn_core.cli import main
 from drgn_core.importing import import_particles
 from drgn_core.io.mrc import read_mrc
@@ -70,7 +70,8 @@ def server(world):
     from drgn_core.explore.data import load_explore_data
     from drgn_core.explore.server import Explorer, make_server, url_of
 
-    data = load_explore_data(world["run"], table=world["table"], max_points=N_DRAWN, seed=0, log=lambda m: None)
+    data = load_explore_data(world["run"], table=world["table"], max_points=N_DRAWN, seed=0,
+                             log=lambda m: None)
     app = Explorer(data, world["dir"] / "explore_out", device="cpu")
     srv = make_server(app, "127.0.0.1", 0)
     t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
@@ -156,7 +157,7 @@ def test_every_request_needs_the_token(server):
     for path in ["/", "/static/app.js", "/api/meta", "/api/points?x=z1&y=z2&c=z3"]:
         assert api(server, path, token=None)[0] == 403, path
         assert api(server, path, token="wrong")[0] == 403, path
-    status, body = api(server, "/api/meta", token=None)
+    _, body = api(server, "/api/meta", token=None)
     assert body == {"error": "forbidden: this server needs the token printed with its URL"}
     assert api(server, "/api/meta")[0] == 200
     with urllib.request.urlopen(server["url"], timeout=10) as r:  # the printed URL carries the token
@@ -179,15 +180,17 @@ def test_path_traversal_is_refused_and_bad_requests_get_json_4xx(server, world):
     status, body = api(server, "/api/hist?col=nope")
     assert status == 400 and body["error"].startswith("no column 'nope'; choose one of UMAP1, UMAP2")
     assert api(server, "/api/select", b"{not json")[0] == 400
-    assert api(server, "/api/particle?pos=400")[1] == {"error": "parameter 'pos' = 400 is out of range [0, 399]"}
+    assert api(server, "/api/particle?pos=400")[1] == {
+        "error": "parameter 'pos' = 400 is out of range [0, 399]"}
     assert api(server, "/api/nothing")[0] == 404
     assert api(server, "/static/../server.py")[0] in (403, 404)
 
 
 def test_cli_prints_url_token_and_tunnel_and_stops_by_itself(world, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen([sys.executable, "-m", "drgn_core.cli", "explore", str(world["run"]), "--port", "0",
-                             "--no-browser", "--exit-after", "20", "--out", str(tmp_path / "o")],
+    proc = subprocess.Popen([sys.executable, "-m", "drgn_core.cli", "explore", str(world["run"]),
+                             "--port", "0", "--no-browser", "--exit-after", "20",
+                             "--out", str(tmp_path / "o")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         lines = [proc.stdout.readline() for _ in range(3)]
@@ -256,7 +259,8 @@ def test_threshold_on_a_subsampled_scatter_selects_from_all_particles(page, serv
     assert want.size == 200
     assert int(page.inner_text("#count")) == 200
     drawn = np.frombuffer(api(server, "/api/sample")[1], dtype=np.int32)
-    assert drawn.size == N_DRAWN and np.setdiff1d(want, drawn).size > 0   # the count is not the drawn subset's
+    # the count is over all particles, not the drawn subset's
+    assert drawn.size == N_DRAWN and np.setdiff1d(want, drawn).size > 0
     page.fill("#selname", "mid_defocus")
     page.click("#save")
     page.wait_for_function("document.getElementById('selinfo').dataset.saved !== undefined")
@@ -281,7 +285,8 @@ def test_threshold_on_a_subsampled_scatter_selects_from_all_particles(page, serv
 
 def test_selection_round_trips_save_load_save(page, server):
     spec = {"shapes": [{"op": "add", "kind": "box", "x": "z1", "y": "z2", "points": [[-5, -5], [0.5, 5]]},
-                       {"op": "subtract", "kind": "box", "x": "z1", "y": "z3", "points": [[-5, 0.3], [5, 5]]}],
+                       {"op": "subtract", "kind": "box", "x": "z1", "y": "z3",
+                        "points": [[-5, 0.3], [5, 5]]}],
             "thresholds": {"|z|": [0.5, 3.0]}}
     status, rec = api(server, "/api/save", {"selection": spec, "name": "first"})
     assert status == 200
@@ -311,7 +316,8 @@ def test_map_decoded_from_the_page_equals_drgn_volumes_at_the_same_z(page, serve
     page.wait_for_function("document.getElementById('volinfo').dataset.saved !== undefined")
     vol, apix = read_mrc(server["out"] / "volumes" / "clicked.mrc", mmap=False)
     np.save(tmp_path / "z.npy", world["z"][pos:pos + 1])
-    assert main(["volumes", str(world["run"]), "-o", str(tmp_path / "ref"), "--z-file", str(tmp_path / "z.npy")]) == 0
+    assert main(["volumes", str(world["run"]), "-o", str(tmp_path / "ref"),
+                 "--z-file", str(tmp_path / "z.npy")]) == 0
     ref, ref_apix = read_mrc(tmp_path / "ref" / "vol_000.mrc", mmap=False)
     assert apix == pytest.approx(ref_apix) == pytest.approx(9.0)
     np.testing.assert_allclose(vol, ref, rtol=1e-5, atol=1e-6 * float(np.abs(ref).max()))
@@ -341,7 +347,8 @@ def test_export_from_the_page_writes_cs_and_csg(page, server, world):
     assert rows.size > 10
     page.fill("#selname", "J7_picked")
     page.click("#export")
-    page.wait_for_function("document.getElementById('selinfo').dataset.exported !== undefined", timeout=30_000)
+    page.wait_for_function("document.getElementById('selinfo').dataset.exported !== undefined",
+                           timeout=30_000)
     out = server["out"] / "exports" / "J7_picked"
     np.testing.assert_array_equal(np.load(out / "indices.npy"), rows)
     table = read_table(world["table"])

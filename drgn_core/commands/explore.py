@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8888, help="port (default 8888; 0 = any free port)")
     parser.add_argument("--no-browser", action="store_true", help="do not open a web browser")
     parser.add_argument("--device", default="auto", help="device for decoding maps: auto, cpu, cuda, cuda:1")
+    parser.add_argument("--display-D", type=int, default=64, dest="display_D", metavar="D",
+                        help="largest box at which maps are decoded for viewing (default 64; 0 = the run's "
+                        "full box); saved .mrc maps always have the run's full box")
     parser.add_argument("--max-points", type=int, default=200_000, metavar="N",
                         help="points drawn in the browser (a random subsample; counts, thresholds and "
                         "selections always use all particles; default 200000)")
@@ -73,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
                              max_points=args.max_points, seed=args.seed, log=stderr_log)
     out = Path(args.out) if args.out else Path(args.run).resolve().parent / "explore"
     device = str(runlink.resolve_device(args.device))
-    app = Explorer(data, out, device=device, seed=args.seed)
+    if args.display_D < 0 or args.display_D % 2:
+        raise InputError(f"--display-D must be an even box size (or 0), got {args.display_D}")
+    app = Explorer(data, out, device=device, seed=args.seed, display_D=args.display_D or None)
     srv = make_server(app, args.host, args.port, verbose=args.verbose)
     url = url_of(srv, app)
     port = srv.server_address[1]

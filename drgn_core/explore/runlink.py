@@ -11,5 +11,13 @@ from drgn_core.analysis import RunLatents, fit_pca, held_out_mask, kmeans, load_
 from drgn_core.analysis import generate_volumes as decode_maps
 from drgn_core.train import read_run_config, resolve_device
 
-__all__ = ["RunLatents", "decode_maps", "fit_pca", "held_out_mask", "kmeans", "load_run", "nearest_rows",
+
+def model_box(run_dir) -> int:
+    """The training box D of the run's model (maps decode at this size unless told otherwise)."""
+    from drgn_core.models import load_model
+
+    return int(load_model(run_dir, device="cpu")[1].D)
+
+__all__ = ["RunLatents", "decode_maps", "fit_pca", "held_out_mask", "kmeans", "load_run", "model_box",
+           "nearest_rows",
            "read_run_config", "resolve_device"]

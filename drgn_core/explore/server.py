@@ -37,6 +37,10 @@ MAX_BODY = 16 << 20
 STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8",
           "index.html": "text/html; charset=utf-8"}
 MONTAGE_MAX = 64
+# Maps are decoded for viewing at no more than 64³: the displayed surface is meshed at most at that
+# sampling anyway, and decoding cost grows as D³ (a 256-wide decoder takes tens of seconds for 128³ on
+# two CPU cores). Saving a map decodes it at the run's full box.
+DISPLAY_D = 64
 
 
 class HttpError(Exception):
@@ -49,13 +53,15 @@ class Explorer:
     """The state behind the server: data, output folder, map cache, the latent graph once built."""
 
     def __init__(self, data: ExploreData, out_dir: Path, device: str = "cpu", token: str | None = None,
-                 seed: int = 0):
+                 seed: int = 0, display_D: int | None = DISPLAY_D):
         self.data = data
         self.out_dir = Path(out_dir).resolve()
         self.token = token or secrets.token_urlsafe(24)
         self.maps = MapCache(data.run_dir, device=device)
         self.seed = seed
         self.roots = [self.out_dir, Path(data.run_dir).resolve()]
+        self.display_D = display_D
+        self._box: int | None = None
         self._graph = None
         self._graph_lock = threading.Lock()
 
@@ -70,6 +76,19 @@ class Explorer:
         if not any(full == r or full.is_relative_to(r) for r in self.roots):
             raise HttpError(403, f"path {path!r} lies outside the run folder and the output folder")
         return full
+
+    def box(self) -> int:
+        """The run's training box (read from model.pt once)."""
+        if self._box is None:
+            from drgn_core.explore.runlink import model_box
+
+            self._box = model_box(self.data.run_dir)
+        return self._box
+
+    def view_box(self) -> int:
+        """Box at which maps are decoded for viewing: the training box, capped at display_D."""
+        D = self.box()
+        return D if self.display_D is None or D <= self.display_D else self.display_D
 
     # ---- selections -----------------------------------------------------------------------------------
     def mask(self, spec) -> tuple[dict, np.ndarray]:
@@ -339,8 +358,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def post_api_volume(self, q, body) -> None:
         z, label = self._latent(body)
-        D = _int(body, "D", 4, 512) if body.get("D") else None
-        if D is not None and D % 2:
+        D = _int(body, "D", 4, 512) if body.get("D") else self.app.view_box()
+        if D % 2:
             raise HttpError(400, f"D must be even, got {D}")
         m = self.app.maps.decode(z, label, D=D)
         self._json({**m.info(), "decoded_total": self.app.maps.decoded})
@@ -352,6 +371,9 @@ class Handler(BaseHTTPRequestHandler):
     def post_api_volume_save(self, q, body) -> None:
         m = self.app.maps.get(str(body.get("id", "")))
         name = sel.check_name(body.get("name"))
+        D = _int(body, "D", 4, 512) if body.get("D") else self.app.box()
+        if m.volume.shape[-1] != D:   # the viewed map was decoded at a smaller box: decode the full one
+            m = self.app.maps.decode(m.z, m.label, D=D)
         path = save_map(m, self.app.out_dir / "volumes" / f"{name}.mrc")
         self._json({"path": str(path), "apix": m.apix, "D": int(m.volume.shape[-1])})
 
@@ -390,7 +412,8 @@ class Handler(BaseHTTPRequestHandler):
 
             name = sel.check_name(body.get("name") or "traversal")
             picks = path[even_subsample(len(path), min(n_vol, 100))]
-            maps = [self.app.maps.decode(d.z[p], f"path particle row {int(d.indices[p])}") for p in picks]
+            maps = [self.app.maps.decode(d.z[p], f"path particle row {int(d.indices[p])}", D=self.app.box())
+                    for p in picks]
             folder = self.app.out_dir / "traversals" / name
             write_volume_series(np.stack([m.volume for m in maps]), d.z[picks], folder, maps[0].apix)
             out.update({"maps": [m.info() for m in maps], "folder": str(folder)})
