@@ -97,6 +97,9 @@ function draw() {
     const v = state.view, sx = W / (v.x1 - v.x0), sy = H / (v.y1 - v.y0);
     const cat = state.meta.categorical.includes(state.c);
     const [lo, hi] = state.meta.ranges[state.c];
+    // 2-px points for dense plots, 3-px when few are drawn
+    const size = p.x.length < 20000 ? 3 : 2, offs = [];
+    for (let a = 0; a < size; a++) for (let b = 0; b < size; b++) offs.push(4 * (a * W + b));
     const sel = state.sel, anySel = sel && (state.shapes.length || Object.keys(state.thresholds).length);
     // two passes: unselected points first (grey), selected on top (in colour)
     for (const pass of anySel ? [0, 1] : [1]) {
@@ -104,9 +107,9 @@ function draw() {
         const inSel = !anySel || ((sel[i >> 3] >> (i & 7)) & 1);
         if ((pass === 1) !== Boolean(inSel)) continue;
         const X = Math.floor((p.x[i] - v.x0) * sx), Y = Math.floor((v.y1 - p.y[i]) * sy);
-        if (X < 0 || Y < 0 || X >= W - 1 || Y >= H - 1) continue;
+        if (X < 0 || Y < 0 || X >= W - size || Y >= H - size) continue;
         const col = pass === 1 ? colourOf(p.c[i], lo, hi, cat) : [205, 205, 205];
-        for (const o of [0, 4, 4 * W, 4 * W + 4]) {
+        for (const o of offs) {
           const k = 4 * (Y * W + X) + o;
           d[k] = col[0]; d[k + 1] = col[1]; d[k + 2] = col[2];
         }
