@@ -378,6 +378,15 @@ def click_point(page, server, world, p: int) -> int:
 
 
 def test_traversal_between_picked_anchors_from_the_page(page, server, world):
+    box = view(page)[0]   # a lasso first, so the screenshot shows a selection too
+    verts = [(60, 60), (330, 70), (300, 330), (80, 300)]
+    page.mouse.move(box["x"] + verts[0][0], box["y"] + verts[0][1])
+    page.mouse.down()
+    for vx, vy in verts[1:]:
+        page.mouse.move(box["x"] + vx, box["y"] + vy)
+    page.mouse.up()
+    settle(page)
+    assert 0 < int(page.inner_text("#count")) < 400
     drawn = np.frombuffer(api(server, "/api/sample")[1], dtype=np.int32)
     in0 = [int(p) for p in drawn if world["labels"][p] == 0]
     zc = world["z"][in0]
