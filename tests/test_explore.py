@@ -411,3 +411,81 @@ def test_traversal_between_picked_anchors_from_the_page(page, server, world):
     assert page.get_attribute("#series", "max") == "2"
     shot = os.environ.get("DRGN_EXPLORE_SCREENSHOT")   # docs/explore.png is made this way
     page.screenshot(path=shot or str(server["out"] / "screenshot.png"))
+
+
+# ---- over HTTP only: selection arithmetic, columns, images ------------------------------------------------
+def test_shapes_combine_left_to_right_and_thresholds_cut_all_particles(server, world):
+    z = world["z"].astype(np.float64)
+    box_a = [[-1.0, -3.0], [3.0, 3.0]]                  # on z1 × z2
+    tri = [[-3.0, -3.0], [3.0, -3.0], [0.0, 2.0]]       # on z2 × z3
+    spec = {"shapes": [{"op": "add", "kind": "box", "x": "z1", "y": "z2", "points": box_a},
+                       {"op": "intersect", "kind": "lasso", "x": "z2", "y": "z3", "points": tri},
+                       {"op": "subtract", "kind": "box", "x": "z1", "y": "z2",
+                        "points": [[0.0, -9], [9, 0.0]]},
+                       {"op": "add", "kind": "box", "x": "UMAP1", "y": "UMAP2",
+                        "points": [[-9, -9], [-2, 9]]}],
+            "thresholds": {"z3": [-1.0, 1.5]}}
+    in_a = (z[:, 0] >= -1) & (z[:, 0] <= 3) & (z[:, 1] >= -3) & (z[:, 1] <= 3)
+    in_tri = inside_even_odd(z[:, 1], z[:, 2], np.array(tri))
+    in_c = (z[:, 0] >= 0) & (z[:, 1] <= 0)
+    um = world["umap"].astype(np.float64)
+    in_d = um[:, 0] <= -2
+    want = ((in_a & in_tri & ~in_c) | in_d) & (z[:, 2] >= -1) & (z[:, 2] <= 1.5)
+    status, body = api(server, "/api/select", {"selection": spec})
+    assert status == 200 and body["count"] == int(want.sum()) and 0 < want.sum() < 400
+    # "subtract" first starts from every particle
+    only_sub = {"shapes": [{"op": "subtract", "kind": "box", "x": "z1", "y": "z2", "points": box_a}]}
+    assert api(server, "/api/select", {"selection": only_sub})[1]["count"] == int((~in_a).sum())
+    assert api(server, "/api/select", {"selection": {}})[1]["count"] == 400
+    bad = {"shapes": [], "thresholds": {"z1": [0, "nan"]}}
+    assert api(server, "/api/select", {"selection": bad}) == (
+        400, {"error": "threshold z1 hi must be finite, got 'nan'"})
+    assert api(server, "/api/select", {"selection": {"shapes": [{"op": "xor", "kind": "box"}]}})[0] == 400
+
+
+def test_particle_image_and_montage_are_the_particles_images(server, world):
+    from io import BytesIO
+
+    from PIL import Image
+
+    from drgn_core.io.images import read_images
+
+    table = read_table(world["table"])
+    status, png = api(server, "/api/image?pos=7")
+    img = np.asarray(Image.open(BytesIO(png)))
+    ref = read_images(table, np.array([7]))[0]
+    lo, hi = np.percentile(ref, [1, 99])
+    want = np.clip((ref - lo) / (hi - lo) * 255, 0, 255).astype(np.uint8)[::-1]
+    assert status == 200 and img.shape == (48, 48)
+    np.testing.assert_array_equal(img, want)
+    spec = {"shapes": [{"op": "add", "kind": "box", "x": "z1", "y": "z2", "points": [[-9, -9], [9, 9]]}]}
+    status, png = api(server, "/api/montage", {"selection": spec, "n": 10})
+    assert status == 200 and np.asarray(Image.open(BytesIO(png))).shape == (3 * 48, 4 * 48)
+    p = api(server, "/api/particle?pos=7")[1]
+    assert p["row"] == 7 and p["values"]["z2"] == pytest.approx(float(world["z"][7, 1]))
+    assert p["values"]["kmeans"] == world["labels"][7]
+
+
+def test_columns_include_filter_verdict_ground_truth_and_held_out(tmp_path):
+    from conftest_latent import write_gt_table
+
+    from drgn_core.explore.data import load_explore_data
+
+    rng = np.random.default_rng(0)
+    n = 50
+    idx = np.sort(rng.choice(80, size=n, replace=False))
+    run = make_run(tmp_path / "results" / "pilot" / "z2", rng.normal(size=(n, 2)), idx)
+    np.save(run / "val_indices.npy", idx[:5])
+    coord = rng.uniform(size=80)
+    table = write_gt_table(tmp_path / "table.star", 80, coord=coord, junk=(np.arange(80) % 7 == 0))
+    fdir = tmp_path / "results" / "filter"
+    fdir.mkdir(parents=True)
+    kept = np.arange(0, 80, 2)
+    np.save(fdir / "kept.npy", kept)
+    d = load_explore_data(run, table=table, log=lambda m: None)   # the filter folder found by the layout
+    np.testing.assert_array_equal(d.columns["filter_kept"], np.isin(idx, kept))
+    np.testing.assert_allclose(d.columns["gt_coord"], coord[idx], rtol=0, atol=1e-6)  # table: 6 decimals
+    np.testing.assert_array_equal(d.columns["gt_junk"], (idx % 7 == 0))
+    np.testing.assert_array_equal(d.columns["held_out"], np.isin(idx, idx[:5]))
+    np.testing.assert_allclose(d.columns["|z|"], np.linalg.norm(d.z, axis=1), rtol=1e-6)
+    assert d.meta()["default_axes"] == ["PC1", "PC2"] and "UMAP1" not in d.columns

@@ -90,8 +90,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"  from your computer: ssh -N -L {port}:127.0.0.1:{port} {getpass.getuser()}@{socket.getfqdn()}"
           f"   then open the URL above", flush=True)
     print("  stop: Ctrl-C", flush=True)
+    timer = None
     if args.exit_after is not None:
-        threading.Timer(args.exit_after, srv.shutdown).start()
+        timer = threading.Timer(args.exit_after, srv.shutdown)
+        timer.daemon = True
+        timer.start()
     if not args.no_browser:
         threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
     try:
@@ -99,5 +102,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("drgn explore: stopped", file=sys.stderr)
     finally:
+        if timer is not None:
+            timer.cancel()
         srv.server_close()
     return 0
