@@ -11,13 +11,30 @@ from drgn_core.analysis import RunLatents, fit_pca, held_out_mask, kmeans, load_
 from drgn_core.analysis import generate_volumes as decode_maps
 from drgn_core.train import read_run_config, resolve_device
 
+__all__ = [
+    "RunLatents",
+    "decode_maps",
+    "fast_decode_available",
+    "fit_pca",
+    "held_out_mask",
+    "kmeans",
+    "load_run",
+    "model_box",
+    "nearest_rows",
+    "read_run_config",
+    "resolve_device",
+]
+
+
+def fast_decode_available(device: str) -> bool:
+    """Whether bf16 autocast speeds decoding here: any GPU, or a CPU with native bfloat16."""
+    from drgn_core.train import cpu_has_native_bf16
+
+    return str(device).startswith("cuda") or (str(device) == "cpu" and cpu_has_native_bf16())
+
 
 def model_box(run_dir) -> int:
     """The training box D of the run's model (maps decode at this size unless told otherwise)."""
     from drgn_core.models import load_model
 
     return int(load_model(run_dir, device="cpu")[1].D)
-
-__all__ = ["RunLatents", "decode_maps", "fit_pca", "held_out_mask", "kmeans", "load_run", "model_box",
-           "nearest_rows",
-           "read_run_config", "resolve_device"]

@@ -361,7 +361,7 @@ class Handler(BaseHTTPRequestHandler):
         D = _int(body, "D", 4, 512) if body.get("D") else self.app.view_box()
         if D % 2:
             raise HttpError(400, f"D must be even, got {D}")
-        m = self.app.maps.decode(z, label, D=D)
+        m = self.app.maps.decode(z, label, D=D, exact=False)
         self._json({**m.info(), "decoded_total": self.app.maps.decoded})
 
     def get_api_mesh(self, q) -> None:
@@ -372,8 +372,8 @@ class Handler(BaseHTTPRequestHandler):
         m = self.app.maps.get(str(body.get("id", "")))
         name = sel.check_name(body.get("name"))
         D = _int(body, "D", 4, 512) if body.get("D") else self.app.box()
-        if m.volume.shape[-1] != D:   # the viewed map was decoded at a smaller box: decode the full one
-            m = self.app.maps.decode(m.z, m.label, D=D)
+        if m.volume.shape[-1] != D or not m.exact:   # viewed at a smaller box or in bf16: decode exactly
+            m = self.app.maps.decode(m.z, m.label, D=D, exact=True)
         path = save_map(m, self.app.out_dir / "volumes" / f"{name}.mrc")
         self._json({"path": str(path), "apix": m.apix, "D": int(m.volume.shape[-1])})
 
