@@ -183,6 +183,10 @@ def test_path_traversal_is_refused_and_bad_requests_get_json_4xx(server, world):
     assert api(server, "/api/particle?pos=400")[1] == {
         "error": "parameter 'pos' = 400 is out of range [0, 399]"}
     assert api(server, "/api/nothing")[0] == 404
+    req = urllib.request.Request(server["base"] + "/api/meta", method="PUT", headers={"X-Drgn-Token": "x"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 501 and json.loads(e.value.read()) == {"error": "Unsupported method ('PUT')"}
     assert api(server, "/static/../server.py")[0] in (403, 404)
 
 

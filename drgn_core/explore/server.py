@@ -21,6 +21,7 @@ import secrets
 import sys
 import threading
 import traceback
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -32,6 +33,7 @@ from drgn_core.errors import DrgnError
 from drgn_core.explore import selection as sel
 from drgn_core.explore.data import ExploreData
 from drgn_core.explore.volumes import MapCache, mesh_bytes, save_map
+from drgn_core.io.atomic import atomic_path
 
 MAX_BODY = 16 << 20
 STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8",
@@ -155,6 +157,14 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The base class's own errors (malformed request line, unsupported method) as JSON too."""
+        self.close_connection = True
+        try:
+            self._json({"error": message or HTTPStatus(code).phrase}, code)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def _json(self, obj, status: int = 200) -> None:
         self._send(status, json.dumps(obj).encode(), "application/json")
@@ -328,7 +338,8 @@ class Handler(BaseHTTPRequestHandler):
             raise HttpError(400, "the selection is empty; nothing to export")
         outdir = self.app.out_dir / "exports" / name
         summary = export_subset(d.table, np.sort(d.indices[mask]), outdir, name=name)
-        (outdir / "export.json").write_text(json.dumps({**summary, "selection": spec}, indent=1) + "\n")
+        with atomic_path(outdir / "export.json") as tmp:
+            tmp.write_text(json.dumps({**summary, "selection": spec}, indent=1) + "\n")
         self._json(summary)
 
     # ---- volumes --------------------------------------------------------------------------------------
