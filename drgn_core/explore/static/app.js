@@ -85,11 +85,18 @@ async function loadPoints() {
   state.pts = { x: new Float32Array(buf, 0, n), y: new Float32Array(buf, 4 * n, n),
     c: new Float32Array(buf, 8 * n, n) };
   setView();
-  draw();
+  draw(true);
 }
 
-function draw() {
+// The point layer is rebuilt only when the points or the selection change (`points` true); drawing a
+// lasso, a path or the clicked point repaints the cached layer and the outlines only.
+function draw(points) {
   const cv = $("scatter"), ctx = cv.getContext("2d"), W = cv.width, H = cv.height;
+  if (points || !state.base) state.base = pointLayer(ctx, W, H);
+  ctx.putImageData(state.base, 0, 0);
+  drawOverlays(ctx);
+}
+function pointLayer(ctx, W, H) {
   const img = ctx.createImageData(W, H), d = img.data;
   d.fill(255);
   const p = state.pts;
@@ -116,7 +123,9 @@ function draw() {
       }
     }
   }
-  ctx.putImageData(img, 0, 0);
+  return img;
+}
+function drawOverlays(ctx) {
   // shapes drawn on these axes, the one being drawn, the traversal path, the clicked point
   const outline = (pts, colour, close) => {
     if (!pts || pts.length < 2) return;
@@ -171,7 +180,7 @@ async function refreshSelection() {
   $("shapes").textContent = desc.join("; ");
   $("thresholds").textContent = Object.entries(state.thresholds)
     .map(([k, [lo, hi]]) => `${lo.toPrecision(5)} ≤ ${k} ≤ ${hi.toPrecision(5)}`).join("; ");
-  draw();
+  draw(true);
   drawHist();
 }
 
