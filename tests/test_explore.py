@@ -493,3 +493,23 @@ def test_columns_include_filter_verdict_ground_truth_and_held_out(tmp_path):
     np.testing.assert_array_equal(d.columns["held_out"], np.isin(idx, idx[:5]))
     np.testing.assert_allclose(d.columns["|z|"], np.linalg.norm(d.z, axis=1), rtol=1e-6)
     assert d.meta()["default_axes"] == ["PC1", "PC2"] and "UMAP1" not in d.columns
+
+
+def test_maps_at_a_selection_mean_and_a_kmeans_centre_use_those_latents(server, world):
+    z = world["z"]
+    spec = {"shapes": [{"op": "add", "kind": "box", "x": "z1", "y": "z2", "points": [[-9, -9], [0, 9]]}]}
+    status, m = api(server, "/api/volume", {"kind": "mean", "selection": spec})
+    assert status == 200
+    np.testing.assert_allclose(m["z"], z[z[:, 0] <= 0].mean(0), rtol=1e-5)
+    assert m["label"] == f"mean of {int((z[:, 0] <= 0).sum())} particles"
+    status, m = api(server, "/api/volume", {"kind": "kmeans", "k": 2})
+    np.testing.assert_allclose(m["z"], z[world["centres_pos"][2]], rtol=1e-6)
+    assert (m["D"], m["apix"]) == (16, pytest.approx(9.0))
+    assert api(server, "/api/volume", {"kind": "kmeans", "k": 3})[1] == {
+        "error": "parameter 'k' = 3 is out of range [0, 2]"}
+    assert api(server, "/api/volume", {"kind": "z", "z": [0, 0, 0], "D": 15})[1] == {
+        "error": "D must be even, got 15"}
+    assert api(server, f"/api/mesh?id={m['id']}&level=1e9")[0] == 400
+    empty = {"shapes": [{"op": "add", "kind": "box", "x": "z1", "y": "z2", "points": [[50, 50], [60, 60]]}]}
+    assert api(server, "/api/volume", {"kind": "mean", "selection": empty})[1] == {
+        "error": "the selection is empty; it has no mean latent"}
