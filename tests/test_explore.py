@@ -513,3 +513,13 @@ def test_maps_at_a_selection_mean_and_a_kmeans_centre_use_those_latents(server, 
     empty = {"shapes": [{"op": "add", "kind": "box", "x": "z1", "y": "z2", "points": [[50, 50], [60, 60]]}]}
     assert api(server, "/api/volume", {"kind": "mean", "selection": empty})[1] == {
         "error": "the selection is empty; it has no mean latent"}
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["explore", str(tmp_path / "nope"), "--no-browser"]) == 2
+    assert capsys.readouterr().err == f"drgn explore: error: {tmp_path / 'nope'}: no such run directory\n"
+    run = make_run(tmp_path / "run", np.zeros((5, 2)))
+    assert main(["explore", str(run), "--no-browser", "--port", "70000"]) == 2
+    assert capsys.readouterr().err.endswith("error: --port must lie in 0 … 65535, got 70000\n")
+    assert main(["explore", str(run), "--no-browser", "--table", str(tmp_path / "t.star")]) == 2
+    assert capsys.readouterr().err.endswith(f"error: {tmp_path / 't.star'}: no such particle table\n")
