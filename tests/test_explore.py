@@ -310,6 +310,8 @@ def test_selection_round_trips_save_load_save(page, server):
 def test_map_decoded_from_the_page_equals_drgn_volumes_at_the_same_z(page, server, world, tmp_path):
     drawn = np.frombuffer(api(server, "/api/sample")[1], dtype=np.int32)
     pos = click_point(page, server, world, int(drawn[0]))
+    assert page.get_attribute("#info", "data-row") == str(pos)          # run rows are table rows here
+    page.wait_for_function("document.getElementById('particle-img').naturalWidth === 48")  # its image
     page.click("#vol-point")
     page.wait_for_function("document.getElementById('volinfo').dataset.id !== undefined", timeout=30_000)
     settle(page)
