@@ -183,6 +183,9 @@ def test_path_traversal_is_refused_and_bad_requests_get_json_4xx(server, world):
     assert api(server, "/api/particle?pos=400")[1] == {
         "error": "parameter 'pos' = 400 is out of range [0, 399]"}
     assert api(server, "/api/nothing")[0] == 404
+    assert api(server, "/api/montage", {"selection": sel_all, "n": "many"}) == (
+        400, {"error": "parameter 'n' must be an integer"})
+    assert api(server, "/api/traverse", {"anchors": [0]})[0] == 400
     req = urllib.request.Request(server["base"] + "/api/meta", method="PUT", headers={"X-Drgn-Token": "x"})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)

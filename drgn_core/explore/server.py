@@ -289,7 +289,7 @@ class Handler(BaseHTTPRequestHandler):
         pos = np.nonzero(mask)[0]
         if pos.size == 0:
             raise HttpError(400, "the selection is empty")
-        k = min(int(body.get("n", 36) or 36), MONTAGE_MAX, pos.size)
+        k = min(_int(body, "n", 1, MONTAGE_MAX) if "n" in body else 36, pos.size)
         pick = np.sort(np.random.default_rng(self.app.seed).choice(pos, size=k, replace=False))
         from drgn_core.io.images import read_images
 
@@ -416,13 +416,13 @@ class Handler(BaseHTTPRequestHandler):
             raise HttpError(400, f"'anchors' must list at least 2 particle positions 0 … {d.n - 1}")
         path, cum = graph_path(self.app.graph(), anchors, names=[int(d.indices[a]) for a in anchors])
         out = {"path": path.tolist(), "distance": cum.tolist(), "rows": d.indices[path].tolist()}
-        n_vol = int(body.get("n_volumes") or 0)
+        n_vol = _int(body, "n_volumes", 0, 100) if body.get("n_volumes") is not None else 0
         if n_vol:
             from drgn_core.traversal import even_subsample
             from drgn_core.volumes import write_volume_series
 
             name = sel.check_name(body.get("name") or "traversal")
-            picks = path[even_subsample(len(path), min(n_vol, 100))]
+            picks = path[even_subsample(len(path), n_vol)]
             maps = [self.app.maps.decode(d.z[p], f"path particle row {int(d.indices[p])}", D=self.app.box())
                     for p in picks]
             folder = self.app.out_dir / "traversals" / name
