@@ -36,6 +36,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("fsc", "fsc"),
     ("evaluate", "evaluate"),
     ("export", "export"),
+    ("explore", "explore"),
     ("summarize", "summarize"),
     ("check-config", "check_config"),
 ]

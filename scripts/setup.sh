@@ -4,6 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# drgn explore's browser tests drive Debian's chromium through Playwright (never `playwright install`).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=$([ "$(id -u)" -eq 0 ] && echo "" || echo sudo)
+  { $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends chromium; } ||
+    echo "warning: could not install chromium (needs root or sudo); tests/test_explore.py will be skipped" >&2
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

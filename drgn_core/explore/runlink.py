@@ -1,0 +1,40 @@
+"""The explorer's one door to a run directory.
+
+Everything the explorer needs from `drgn train` / `drgn analyze` outputs (latents and their table rows,
+held-out rows, the run's recorded inputs, decoding maps, the device) is imported here and nowhere else in
+drgn_core.explore, so that when these helpers move (one run-directory module) only this file changes.
+"""
+
+from __future__ import annotations
+
+from drgn_core.analysis import RunLatents, fit_pca, held_out_mask, kmeans, load_run, nearest_rows
+from drgn_core.analysis import generate_volumes as decode_maps
+from drgn_core.train import read_run_config, resolve_device
+
+__all__ = [
+    "RunLatents",
+    "decode_maps",
+    "fast_decode_available",
+    "fit_pca",
+    "held_out_mask",
+    "kmeans",
+    "load_run",
+    "model_box",
+    "nearest_rows",
+    "read_run_config",
+    "resolve_device",
+]
+
+
+def fast_decode_available(device: str) -> bool:
+    """Whether bf16 autocast speeds decoding here: any GPU, or a CPU with native bfloat16."""
+    from drgn_core.train import cpu_has_native_bf16
+
+    return str(device).startswith("cuda") or (str(device) == "cpu" and cpu_has_native_bf16())
+
+
+def model_box(run_dir) -> int:
+    """The training box D of the run's model (maps decode at this size unless told otherwise)."""
+    from drgn_core.models import load_model
+
+    return int(load_model(run_dir, device="cpu")[1].D)
