@@ -380,8 +380,16 @@ def test_full_run_outputs(completed_run):
     assert high["train"] + high["validation"] == len(kept)  # the high-res run trained on the kept rows only
     stages = {b["stage"] for b in summary["runtimes"]}
     assert {"simulate", "downsample", "pilot", "filter", "highres", "analyze"} <= stages
+    # logs and benchmarks live under the results folder (two configs in one directory keep their own), and
+    # the summary's run times are read from there: one row per benchmark file of a stage's jobs
     for stage in ["simulate", "pilot", "filter", "highres", "analyze", "traverse", "validate", "export"]:
-        assert any((workdir / "logs" / stage).glob("*.log")), stage
+        assert any((r / "logs" / stage).glob("*.log")), stage
+        assert any((r / "benchmarks" / stage).glob("*.tsv")), stage
+    assert (r / "benchmarks" / "summarize.tsv").is_file()
+    assert not (workdir / "logs").exists() and not (workdir / "benchmarks").exists()
+    benchmarked = {(f.parent.name, f.stem) for f in (r / "benchmarks").glob("*/*.tsv")}
+    assert {(b["stage"], b["job"]) for b in summary["runtimes"]} == benchmarked
+    assert ("pilot", "z1") in benchmarked and ("pilot", "z10") in benchmarked
 
 
 @pytest.mark.slow
@@ -422,7 +430,7 @@ def test_killed_highres_training_resumes_without_redoing_pilots(completed_run):
     changed = copy.deepcopy(TINY_CONFIG)
     changed["highres"]["train"]["extra"] = "--checkpoint-minutes 0.0005"
     cfg = write_config(workdir, changed, "checkpointing.yaml")
-    log = workdir / "logs" / "highres" / "train.log"
+    log = workdir / "results" / "logs" / "highres" / "train.log"
     ck = workdir / "results" / "highres" / "train" / "checkpoints" / "last.pt"
     log_mtime = log.stat().st_mtime_ns
     proc = subprocess.Popen(snakemake_cmd(workdir, cfg, "--cores", "2"),
