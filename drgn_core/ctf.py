@@ -19,7 +19,6 @@ simulator, the back-projector and the training loss use one function.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -124,22 +123,3 @@ def ctf_from_params(freqs_cpx: Array, params: Array) -> Array:
     s2 = k2[None, :] / (p[:, 0:1] * p[:, 0:1])
     cols = [p[:, i : i + 1] for i in range(1, 9)]
     return _ctf_from_terms(s2, cos2t[None, :], sin2t[None, :], *cols)
-
-
-@dataclass(frozen=True)
-class CTFParams:
-    """One particle's CTF parameters, units in the names (for readability at call sites and in tests)."""
-
-    defocus_u_A: float
-    defocus_v_A: float
-    defocus_angle_deg: float
-    voltage_kv: float = 300.0
-    cs_mm: float = 2.7
-    amp_contrast: float = 0.1
-    phase_shift_deg: float = 0.0
-    bfactor_A2: float = 0.0
-
-    def __call__(self, freqs: Array) -> Array:
-        return compute_ctf(freqs, self.defocus_u_A, self.defocus_v_A, self.defocus_angle_deg,
-                           self.voltage_kv, self.cs_mm, self.amp_contrast, self.phase_shift_deg,
-                           self.bfactor_A2)

@@ -140,7 +140,7 @@ class ModelConfig:
     """Everything needed to rebuild a model; stored in model.pt and config.yaml."""
 
     D: int                        # training box size (px); defines the lattice and k's units
-    zdim: int = 8                 # latent dimension; 0 = homogeneous reconstruction (decoder only)
+    zdim: int = 10                # latent dimension (drgn train's default); 0 = homogeneous (decoder only)
     enc_dim: int = 256
     enc_layers: int = 3
     dec_dim: int = 256
