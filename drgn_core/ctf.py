@@ -1,4 +1,4 @@
-"""The contrast transfer function, with RELION's formula and sign (DESIGN §3).
+"""The contrast transfer function, with RELION's formula and sign (docs/architecture.md § CTF).
 
     λ = 12.2643247 / sqrt(V (1 + 0.978466e-6 V))            Å, V in volts
     Δ(θ) = -[(U + V)/2 + (U - V)/2 · cos 2(θ - θ_ast)]        Å, underfocus positive in U, V
@@ -7,7 +7,8 @@
 
 s is the spatial frequency in Å⁻¹ (s = k / apix with k in cycles/px), θ its angle from the x axis,
 Cs in mm (× 1e7 → Å), φ the phase shift, w the amplitude contrast. At s → 0 the CTF tends to +w, so
-protein stays bright after multiplication (images are white-on-black, DESIGN §3).
+protein stays bright after multiplication (images are white-on-black, docs/architecture.md § Images and
+contrast).
 
 cryoSPARC stores `ctf/df1_A`, `ctf/df2_A` (= U, V), `ctf/df_angle_rad` and `ctf/phase_shift_rad` in radians:
 convert to degrees on import; here angles are degrees.

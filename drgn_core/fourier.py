@@ -1,9 +1,9 @@
 """Centred Fourier transforms, frequency lattices and masks.
 
-Convention (DESIGN §3): transforms are centred, ``fftshift(fftn(ifftshift(x)))``, so the DC term of a
-D-point axis sits at index D//2 and real-space index D//2 is the origin. Frequencies are in cycles/pixel,
-k = (i - D//2) / D ∈ [-1/2, 1/2); spatial frequency in Å⁻¹ is k / apix. Arrays are indexed [y, x]
-(images) and [z, y, x] (volumes), as mrcfile returns them.
+Convention (docs/architecture.md § Fourier transforms): transforms are centred,
+``fftshift(fftn(ifftshift(x)))``, so the DC term of a D-point axis sits at index D//2 and real-space index
+D//2 is the origin. Frequencies are in cycles/pixel, k = (i - D//2) / D ∈ [-1/2, 1/2); spatial frequency in
+Å⁻¹ is k / apix. Arrays are indexed [y, x] (images) and [z, y, x] (volumes), as mrcfile returns them.
 
 Every function accepts numpy arrays or torch tensors and returns the same kind, so the simulator,
 reconstruction and training share one definition of "the transform".
