@@ -48,8 +48,8 @@ FILTER = f"{R}/filter"
 LOGS = f"{R}/logs"
 BENCHMARKS = f"{R}/benchmarks"
 
-# Files of a `drgn train` run directory that later rules read (architecture.md, "Run directory");
-# learning_curve.png is declared by each training rule itself, for the report.
+# Files of a `drgn train` run directory that later rules read (docs/architecture.md § Run directory of
+# drgn train); learning_curve.png is declared by each training rule itself, for the report.
 RUN_FILES = ["model.pt", "z.npy", "indices.npy", "config.yaml", "train_log.csv"]
 
 
