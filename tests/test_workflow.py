@@ -84,6 +84,26 @@ def test_dry_run_simulate_mode(tmp_path):
     assert "--source results/simulated/particles.star" in out
 
 
+def test_logs_and_benchmarks_follow_the_results_folder(tmp_path):
+    """Two configs run from one directory with different `results` keep their own logs and run times."""
+    cfg = write_config(tmp_path, {"results": "run_b", "pilot": {"train": {"epochs": 3, "enc_dim": 64}},
+                                  "highres": {"zdim": 8, "train": {"extra": "--precision fp32"}}})
+    jobs, out = dry_run(tmp_path, cfg)
+    assert jobs["train_pilot"] == 2
+    for log in ["run_b/logs/simulate/simulate.log", "run_b/logs/pilot/z1.log", "run_b/logs/pilot/z10.log",
+                "run_b/logs/highres/train.log", "run_b/logs/summarize/summarize.log"]:
+        assert f"> {log} 2>&1" in out, log
+    assert "--benchmarks run_b/benchmarks -o run_b/report/summary.json" in out
+    # one function builds both stages' `drgn train` flags from their own config sections
+    assert ("-o run_b/pilot/z1 --auto-resume --zdim 1 --epochs 3 --enc-dim 64 --enc-layers 3 --dec-dim 256 "
+            "--dec-layers 3 --batch-size 16 --lr 0.0001 --seed 0 --val-frac 0.0 --device auto --threads 1 "
+            "> run_b/logs/pilot/z1.log") in out
+    assert ("-o run_b/highres/train --auto-resume --ind run_b/filter/kept.npy --zdim 8 --epochs 20 "
+            "--enc-dim 256 --enc-layers 3 --dec-dim 256 --dec-layers 3 --batch-size 16 --lr 0.0001 --seed 0 "
+            "--val-frac 0.0 --device auto --precision fp32 --threads 1 > run_b/logs/highres/train.log") in out
+    assert "logs/" not in out.replace("run_b/logs/", "")
+
+
 @pytest.mark.parametrize("mode, source", [("star", "particles_relion31.star"), ("cs", "particles.cs")])
 def test_dry_run_import_modes(tmp_path, mode, source):
     if not CONVENTIONS.is_dir():
