@@ -1,4 +1,5 @@
-"""Accuracy of `drgn train` on the simulator's datasets, against ground truth, as JSON (DESIGN §7).
+"""Accuracy of `drgn train` on the simulator's datasets, against ground truth, as JSON (metrics as
+docs/architecture.md § Metrics on simulated data defines them).
 
 The paper's simulated experiments at a size this project can afford: D = 64, ≥ 20,000 images, SNR 0.1.
 

@@ -69,7 +69,7 @@ def simulate(outdir: Path, n: int, D: int, seed: int) -> Path:
 
 def drgn_command() -> list[str]:
     """The installed `drgn` script, or the package run as a module where drgnflow is only on PYTHONPATH
-    (the GPU machine of bench/gpu_check.sh)."""
+    (bench/gpu_check.sh on a machine without network access, dependencies from carried wheels)."""
     exe = Path(sys.executable).parent / "drgn"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "drgn_core.cli"]
 

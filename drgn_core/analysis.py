@@ -26,7 +26,8 @@ from drgn_core.errors import InputError
 
 UMAP_NEIGHBORS = 15
 UMAP_MIN_DIST = 0.1
-UMAP_MAX_FIT = 100_000          # above this many particles, UMAP is fitted on a subsample (DESIGN §6)
+# above this many particles, UMAP is fitted on a subsample (docs/architecture.md § Data path and scale)
+UMAP_MAX_FIT = 100_000
 ZDIM1_PERCENTILES = (5, 23, 41, 59, 77, 95)   # the paper's Fig. 3c points for a 1-D latent
 PC_PERCENTILES = (5.0, 95.0)
 

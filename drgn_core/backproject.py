@@ -1,9 +1,9 @@
 """Classical voxel reconstruction by Fourier back-projection, for validating what the network learned.
 
-For each image (conventions in DESIGN §3): its centred transform F(k) is re-centred by the particle's
-shift, F(k)·exp(-2πi k·t) (k cycles/px, t px of this box, RELION's origin sign), multiplied by its CTF
-c(k), and inserted into a D³ Fourier grid at Aᵀ·(kx, ky, 0)·D voxels from the centre, spread over the
-8 neighbouring voxels with trilinear weights (or to the nearest voxel). The CTF² values are accumulated
+For each image (conventions in docs/architecture.md § Conventions): its centred transform F(k) is re-centred
+by the particle's shift, F(k)·exp(-2πi k·t) (k cycles/px, t px of this box, RELION's origin sign), multiplied
+by its CTF c(k), and inserted into a D³ Fourier grid at Aᵀ·(kx, ky, 0)·D voxels from the centre, spread over
+the 8 neighbouring voxels with trilinear weights (or to the nearest voxel). The CTF² values are accumulated
 the same way, and the volume is the inverse transform of
 
     V(k) = Σ c·F / (Σ c² + λ(k))

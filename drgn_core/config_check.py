@@ -4,8 +4,8 @@ The Snakefile calls `validate_config` at parse time and `drgn check-config FILE`
 typo is reported in seconds, naming the key, instead of after an hour of training (rna-seq-star-deseq2
 catches a bad contrast only inside its R script). Two layers:
 
-1. the JSON schema `config/schema/config.schema.yaml` (types, ranges, enums, `additionalProperties:
-   false` everywhere, a `default` for every optional key, which this module fills in);
+1. the JSON schema `drgn_core/config.schema.yaml`, shipped as package data (types, ranges, enums,
+   `additionalProperties: false` everywhere, a `default` for every optional key, which this module fills in);
 2. cross-field rules a schema cannot express: boxes even, pilot box ≤ high-res box ≤ original box,
    filters naming pilots that exist and latent dimensions those pilots have, input files present.
 
@@ -27,8 +27,9 @@ import yaml
 
 from drgn_core.errors import InputError
 
-#: The schema shipped with the workflow (the repository's config/schema folder).
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "schema" / "config.schema.yaml"
+#: The workflow config's schema, shipped inside the package (package data) so that an installed `drgn
+#: check-config` finds it; the Snakefile validates against this same file.
+SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
 
 _TYPE_WORDS = {"integer": "an integer", "number": "a number", "string": "text", "boolean": "true or false",
                "object": "a mapping of keys", "array": "a list", "null": "null"}
@@ -56,10 +57,10 @@ def load_yaml(path: str | os.PathLike, what: str = "config") -> dict:
 
 
 def load_schema(path: str | os.PathLike | None = None) -> dict:
-    """The workflow's config schema (by default the repository's `config/schema/config.schema.yaml`)."""
+    """The workflow's config schema (by default the package's own `drgn_core/config.schema.yaml`)."""
     path = Path(path) if path is not None else SCHEMA_PATH
     if not path.is_file():
-        raise InputError("config schema not found (pass the workflow's config/schema/config.schema.yaml)",
+        raise InputError("config schema not found (the package's drgn_core/config.schema.yaml)",
                          path)
     return load_yaml(path, what="schema")
 

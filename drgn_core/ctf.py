@@ -1,4 +1,4 @@
-"""The contrast transfer function, with RELION's formula and sign (DESIGN §3).
+"""The contrast transfer function, with RELION's formula and sign (docs/architecture.md § CTF).
 
     λ = 12.2643247 / sqrt(V (1 + 0.978466e-6 V))            Å, V in volts
     Δ(θ) = -[(U + V)/2 + (U - V)/2 · cos 2(θ - θ_ast)]        Å, underfocus positive in U, V
@@ -7,7 +7,8 @@
 
 s is the spatial frequency in Å⁻¹ (s = k / apix with k in cycles/px), θ its angle from the x axis,
 Cs in mm (× 1e7 → Å), φ the phase shift, w the amplitude contrast. At s → 0 the CTF tends to +w, so
-protein stays bright after multiplication (images are white-on-black, DESIGN §3).
+protein stays bright after multiplication (images are white-on-black, docs/architecture.md § Images and
+contrast).
 
 cryoSPARC stores `ctf/df1_A`, `ctf/df2_A` (= U, V), `ctf/df_angle_rad` and `ctf/phase_shift_rad` in radians:
 convert to degrees on import; here angles are degrees.
@@ -19,7 +20,6 @@ simulator, the back-projector and the training loss use one function.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -124,22 +124,3 @@ def ctf_from_params(freqs_cpx: Array, params: Array) -> Array:
     s2 = k2[None, :] / (p[:, 0:1] * p[:, 0:1])
     cols = [p[:, i : i + 1] for i in range(1, 9)]
     return _ctf_from_terms(s2, cos2t[None, :], sin2t[None, :], *cols)
-
-
-@dataclass(frozen=True)
-class CTFParams:
-    """One particle's CTF parameters, units in the names (for readability at call sites and in tests)."""
-
-    defocus_u_A: float
-    defocus_v_A: float
-    defocus_angle_deg: float
-    voltage_kv: float = 300.0
-    cs_mm: float = 2.7
-    amp_contrast: float = 0.1
-    phase_shift_deg: float = 0.0
-    bfactor_A2: float = 0.0
-
-    def __call__(self, freqs: Array) -> Array:
-        return compute_ctf(freqs, self.defocus_u_A, self.defocus_v_A, self.defocus_angle_deg,
-                           self.voltage_kv, self.cs_mm, self.amp_contrast, self.phase_shift_deg,
-                           self.bfactor_A2)

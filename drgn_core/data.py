@@ -1,9 +1,10 @@
-"""Particle data for training and encoding: prepared once, then served in batches (DESIGN §6).
+"""Particle data for training and encoding: prepared once, then served in batches.
 
-Preparation turns each image into what the model compares against, once per dataset rather than per
-batch: the centred 2D transform, gathered on the model's half lattice (`models.HalfLattice`), multiplied
-by exp(-2πi k·t) to undo the particle's shift t (DESIGN §3: t is the RELION re-centring origin in px of
-this box), and divided by one global normalisation scale. Shifting the data instead of the model's slice
+(docs/architecture.md § Data path and scale.) Preparation turns each image into what the model compares
+against, once per dataset rather than per batch: the centred 2D transform, gathered on the model's half
+lattice (`models.HalfLattice`), multiplied by exp(-2πi k·t) to undo the particle's shift t
+(docs/architecture.md § Shifts: t is the RELION re-centring origin in px of this box), and divided by one
+global normalisation scale. Shifting the data instead of the model's slice
 gives the same loss (the phase ramp has modulus 1) and hands the encoder centred particles.
 
 Two ways to hold the prepared data, chosen by size (`mode='auto'`):

@@ -1,8 +1,9 @@
 """`drgn downsample`: the table's original images → one Fourier-cropped stack ``particles.{D}.mrcs``.
 
 Training cost grows with D² per image, so every stage after import works on a downsampled copy made
-once (DESIGN §6). Cropping the centred transform to D×D keeps every frequency below the new Nyquist
-exactly and removes everything above it, with no interpolation; the pixel size becomes apix0·D0/D.
+once (docs/architecture.md § Data path and scale). Cropping the centred transform to D×D keeps every frequency
+below the new Nyquist exactly and removes everything above it, with no interpolation; the pixel size becomes
+apix0·D0/D.
 
 The images stream from the user's stacks in chunks (`iter_image_chunks`, sign applied) into a
 memory-mapped output under a temporary name, so memory stays bounded by the chunk and a failed run

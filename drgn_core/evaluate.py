@@ -1,6 +1,7 @@
-"""Accuracy of a trained run against a simulated dataset's ground truth (`drgn evaluate`, DESIGN §7).
+"""Accuracy of a trained run against a simulated dataset's ground truth (`drgn evaluate`, docs/architecture.md
+§ Metrics on simulated data).
 
-Metrics, exactly as DESIGN §7 defines them:
+Metrics, exactly as docs/architecture.md § Metrics on simulated data defines them:
 
 - |Spearman ρ| between a 1-D summary of the latent (z itself for zdim = 1, else PC1) and the ground-truth
   reaction coordinate drgnGtCoord, over the non-junk particles with a finite coordinate.

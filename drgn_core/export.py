@@ -36,7 +36,8 @@ from drgn_core.io.atomic import atomic_path, refuse_overwrite_input
 from drgn_core.io.indices import write_index_files
 from drgn_core.io.table import ParticleTable
 
-CSG_VERSION = "v4.6.0"  # the cryoSPARC release whose .csg layout we write (DESIGN §3)
+# the cryoSPARC release whose .csg layout we write (docs/architecture.md § cryoSPARC files)
+CSG_VERSION = "v4.6.0"
 
 
 # ---- RELION STAR row subsets -------------------------------------------------------------------------

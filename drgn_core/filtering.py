@@ -397,8 +397,8 @@ def combine_runs(outcomes: list[RunOutcome], how: str) -> tuple[np.ndarray, np.n
 
 
 def junk_scores(removed: np.ndarray, universe: np.ndarray, junk: np.ndarray) -> dict:
-    """Precision, recall and F1 of the removed set against injected junk (DESIGN §7), over the rows
-    the runs covered. `junk` is the table's drgnGtJunk column (all rows)."""
+    """Precision, recall and F1 of the removed set against injected junk (docs/architecture.md § Metrics on
+    simulated data), over the rows the runs covered. `junk` is the table's drgnGtJunk column (all rows)."""
     is_junk = np.asarray(junk).astype(float) > 0
     truth = set(universe[is_junk[universe]].tolist())
     rem = set(removed.tolist())

@@ -1,9 +1,9 @@
-"""Centred Fourier (and Hartley) transforms, frequency lattices and masks.
+"""Centred Fourier transforms, frequency lattices and masks.
 
-Convention (DESIGN §3): transforms are centred, ``fftshift(fftn(ifftshift(x)))``, so the DC term of a
-D-point axis sits at index D//2 and real-space index D//2 is the origin. Frequencies are in cycles/pixel,
-k = (i - D//2) / D ∈ [-1/2, 1/2); spatial frequency in Å⁻¹ is k / apix. Arrays are indexed [y, x]
-(images) and [z, y, x] (volumes), as mrcfile returns them.
+Convention (docs/architecture.md § Fourier transforms): transforms are centred,
+``fftshift(fftn(ifftshift(x)))``, so the DC term of a D-point axis sits at index D//2 and real-space index
+D//2 is the origin. Frequencies are in cycles/pixel, k = (i - D//2) / D ∈ [-1/2, 1/2); spatial frequency in
+Å⁻¹ is k / apix. Arrays are indexed [y, x] (images) and [z, y, x] (volumes), as mrcfile returns them.
 
 Every function accepts numpy arrays or torch tensors and returns the same kind, so the simulator,
 reconstruction and training share one definition of "the transform".
@@ -57,33 +57,6 @@ def ifft3_center(X: Array) -> Array:
     return ifftn_center(X, 3)
 
 
-def hartley_from_fourier(X: Array) -> Array:
-    """Hartley transform from a Fourier transform: H = Re(F) - Im(F) (real-valued, same information)."""
-    return X.real - X.imag
-
-
-def ht2_center(x: Array) -> Array:
-    """Centred 2D Hartley transform. Real in, real out; `iht2_center` is its inverse."""
-    return hartley_from_fourier(fft2_center(x))
-
-
-def iht2_center(H: Array) -> Array:
-    """Inverse of `ht2_center`: for a D×D transform, the Hartley transform is its own inverse up to 1/D²."""
-    D2 = H.shape[-1] * H.shape[-2]
-    return ht2_center(H) / D2
-
-
-def ht3_center(x: Array) -> Array:
-    """Centred 3D Hartley transform."""
-    return hartley_from_fourier(fft3_center(x))
-
-
-def iht3_center(H: Array) -> Array:
-    """Inverse of `ht3_center`."""
-    D3 = H.shape[-1] * H.shape[-2] * H.shape[-3]
-    return ht3_center(H) / D3
-
-
 def freqs_1d(D: int) -> np.ndarray:
     """Frequencies (cycles/pixel) of a centred D-point axis: (i - D//2) / D."""
     return (np.arange(D) - D // 2) / D
@@ -117,12 +90,6 @@ def circular_mask(D: int, radius: float | None = None) -> np.ndarray:
     """Boolean (D, D) mask of transform pixels with |k|·D < radius (default D/2: inside Nyquist)."""
     r = D / 2 if radius is None else radius
     return radius_2d(D) < r
-
-
-def spherical_mask(D: int, radius: float | None = None) -> np.ndarray:
-    """Boolean (D, D, D) mask of voxels with |k|·D < radius (default D/2)."""
-    r = D / 2 if radius is None else radius
-    return radius_3d(D) < r
 
 
 def fourier_crop(F: Array, D_new: int) -> Array:

@@ -1,8 +1,8 @@
 """Fourier shell correlation between two maps, resolution read-outs and the paper's real-space mask.
 
-Definitions (DESIGN §7), shared by the map-to-map FSC (`drgn fsc`), the gold-standard FSC of
-back-projected half maps (`drgn backproject`) and the per-image FSC of `drgn evaluate`, so the three
-agree on what a number means:
+Definitions (docs/architecture.md § Metrics on simulated data), shared by the map-to-map FSC (`drgn fsc`), the
+gold-standard FSC of back-projected half maps (`drgn backproject`) and the per-image FSC of `drgn evaluate`,
+so the three agree on what a number means:
 
 - shells: voxel k of a D³ centred transform (|k|·D its distance from the DC term, in voxels) belongs to
   shell r when r-1 ≤ |k|·D < r, for r = 1 … D/2-1; FSC(0) = 1 by convention; shell r is reported at the

@@ -3,8 +3,9 @@
 Reference: Zhong, Bepler, Berger & Davis, "CryoDRGN: reconstruction of heterogeneous cryo-EM structures
 using neural networks", Nature Methods 18, 176 (2021), Methods ("The cryoDRGN method", "Training system").
 
-Conventions are drgnflow's (DESIGN §3, drgn_core.fourier / pose): k in cycles/px of the training box D,
-k = (i - D/2)/D; the image of pose A samples the volume transform at Aᵀ·(kx, ky, 0); volumes are [z, y, x].
+Conventions are drgnflow's (docs/architecture.md § Fourier transforms, § Poses): k in cycles/px of the
+training box D, k = (i - D/2)/D; the image of pose A samples the volume transform at Aᵀ·(kx, ky, 0); volumes
+are [z, y, x].
 
 Pieces, in dependency order:
 - `HalfLattice`: the transform pixels the model works on — inside the circle |k|·D < D/2 and on one half
@@ -68,7 +69,7 @@ class HalfLattice:
 
 
 def slice_coords(coords2d: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """3D frequencies of an image's pixels: q = Aᵀ·(kx, ky, 0) (DESIGN §3).
+    """3D frequencies of an image's pixels: q = Aᵀ·(kx, ky, 0) (docs/architecture.md § Poses).
 
     coords2d (P, 2), A (B, 3, 3) → q (B, P, 3), with q_j = Σ_i k_i A[i, j] = (k @ A[:2, :])_j.
     """
@@ -140,7 +141,7 @@ class ModelConfig:
     """Everything needed to rebuild a model; stored in model.pt and config.yaml."""
 
     D: int                        # training box size (px); defines the lattice and k's units
-    zdim: int = 8                 # latent dimension; 0 = homogeneous reconstruction (decoder only)
+    zdim: int = 10                # latent dimension (drgn train's default); 0 = homogeneous (decoder only)
     enc_dim: int = 256
     enc_layers: int = 3
     dec_dim: int = 256

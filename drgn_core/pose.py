@@ -1,6 +1,6 @@
 """Particle poses, in RELION's convention, and conversions from the other tools' conventions.
 
-Convention (DESIGN §3): the pose of particle n is the 3×3 rotation matrix
+Convention (docs/architecture.md § Poses): the pose of particle n is the 3×3 rotation matrix
 
     A = Rotation.from_euler('ZYZ', [rot, tilt, psi], degrees=True).as_matrix().T
 

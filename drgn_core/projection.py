@@ -10,10 +10,10 @@ wrap-around artefacts).
 Normalisation: the padded transform is an unscaled DFT, so the sampled slice is the unscaled 2D DFT of
 P and `ifft2_center(slice).real` is P itself (in volume units summed along z).
 
-Shifts follow RELION's rlnOriginX/YAngst (DESIGN §3): the stored origin t (px) is the translation that
-re-centres the particle, applied to a transform as exp(-2πi k·t). An image whose particle sits displaced
-by +d from the box centre therefore has origin t = -d, and rendering a particle at its origin t means
-translating the centred projection by -t.
+Shifts follow RELION's rlnOriginX/YAngst (docs/architecture.md § Shifts): the stored origin t (px) is the
+translation that re-centres the particle, applied to a transform as exp(-2πi k·t). An image whose particle
+sits displaced by +d from the box centre therefore has origin t = -d, and rendering a particle at its origin t
+means translating the centred projection by -t.
 
 Every function but the slow reference `project_real` accepts numpy arrays or torch tensors (CPU or GPU)
 and returns the same kind. The numpy slicer is a vectorised hand-written trilinear gather; the torch

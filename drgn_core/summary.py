@@ -210,7 +210,7 @@ def read_filter(path: Path) -> dict:
 
 
 def read_benchmarks(folder: Path) -> list[dict]:
-    """One row per Snakemake benchmark file (benchmarks/<stage>/<job>.tsv): seconds and peak memory.
+    """One row per Snakemake benchmark file (<folder>/<stage>/<job>.tsv): seconds and peak memory.
 
     Files directly in `folder` are not read: the workflow keeps the summary's own benchmark there, since
     a job cannot report its own run time.

@@ -3,8 +3,8 @@
 Objects are sums of 3D Gaussian blobs, whose continuous Fourier transform is known in closed form:
 a blob a·exp(-|x - c|²/2s²) has transform a·(2πs²)^{3/2}·exp(-2π²s²|q|²)·exp(-2πi q·c). An image of pose A
 is then exact, with no interpolation: its centred transform is that function at q = Aᵀ(kx, ky, 0), times the
-shift phase and the CTF (DESIGN §3). Using a closed form rather than any projector of ours keeps these tests
-independent of the code under test.
+shift phase and the CTF (docs/architecture.md § Shifts, § CTF). Using a closed form rather than any projector
+of ours keeps these tests independent of the code under test.
 
 Ground truth kept per particle: drgnGtCoord (hinge angle fraction c ∈ [0, 1]), drgnGtState, drgnGtVolume.
 """

@@ -79,9 +79,10 @@ def run_snakemake(workdir: Path, configfile: Path | None, *args: str, timeout: f
 
 
 def job_logs(workdir: Path, tail: int = 1500) -> str:
-    """The end of every job log under workdir/logs (for failure messages)."""
+    """The end of every job log under workdir/results/logs (for failure messages)."""
     out = []
-    for log in sorted((workdir / "logs").rglob("*.log")) if (workdir / "logs").is_dir() else []:
+    logs = workdir / "results" / "logs"
+    for log in sorted(logs.rglob("*.log")) if logs.is_dir() else []:
         out.append(f"--- {log.relative_to(workdir)}\n{log.read_text(errors='replace')[-tail:]}")
     return "\n".join(out)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from drgn_core.ctf import CTF_COLUMNS, CTFParams, compute_ctf, ctf_from_params, electron_wavelength
+from drgn_core.ctf import CTF_COLUMNS, compute_ctf, ctf_from_params, electron_wavelength
 from drgn_core.fourier import lattice_2d
 
 # λ = 12.2643247 / sqrt(V (1 + 0.978466e-6 V)):
@@ -107,10 +107,3 @@ def test_torch_and_numpy_agree_and_batch_from_params():
     np.testing.assert_allclose(t32.numpy(), ref, atol=5e-4)  # γ reaches ~30 rad: float32 rounding
     tc = compute_ctf(torch.from_numpy(lat / 2.5), *(torch.tensor(v) for v in params[0, 1:]))
     np.testing.assert_allclose(tc.numpy(), ref[0], atol=1e-12)
-
-
-def test_ctfparams_dataclass_matches_function():
-    p = CTFParams(15000.0, 14500.0, 45.0, bfactor_A2=30.0)
-    freqs = lattice_2d(16).reshape(-1, 2) / 3.0
-    expected = compute_ctf(freqs, 15000.0, 14500.0, 45.0, 300.0, 2.7, 0.1, 0.0, 30.0)
-    np.testing.assert_allclose(p(freqs), expected)

@@ -1,6 +1,6 @@
-"""drgn evaluate: each DESIGN §7 metric on cases whose value is known by hand — monotone latents give
-|ρ| = 1, permuted cluster labels give ARI = NMI = 1, a hand-counted filter, and a per-image FSC of a
-model against volumes it generated itself (FSC = 1 in every shell)."""
+"""drgn evaluate: each metric of docs/architecture.md § Metrics on simulated data on cases whose value is
+known by hand — monotone latents give |ρ| = 1, permuted cluster labels give ARI = NMI = 1, a hand-counted
+filter, and a per-image FSC of a model against volumes it generated itself (FSC = 1 in every shell)."""
 
 from __future__ import annotations
 

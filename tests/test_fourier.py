@@ -1,4 +1,4 @@
-"""Centred Fourier/Hartley transforms, frequency lattices and Fourier cropping, pinned by numbers."""
+"""Centred Fourier transforms, frequency lattices and Fourier cropping, pinned by numbers."""
 
 from __future__ import annotations
 
@@ -14,13 +14,8 @@ from drgn_core.fourier import (
     fft3_center,
     fourier_crop,
     freqs_1d,
-    hartley_from_fourier,
-    ht2_center,
-    ht3_center,
     ifft2_center,
     ifft3_center,
-    iht2_center,
-    iht3_center,
     lattice_2d,
     lattice_3d,
     radius_2d,
@@ -63,22 +58,6 @@ def test_fourier_round_trips_numpy_and_torch(D):
     t = torch.from_numpy(img)
     np.testing.assert_allclose(fft2_center(t).numpy(), fft2_center(img), atol=1e-10)
     np.testing.assert_allclose(ifft2_center(fft2_center(t)).real.numpy(), img, atol=1e-12)
-
-
-@pytest.mark.parametrize("D", [8, 12])
-def test_hartley_round_trips_and_relation_to_fourier(D):
-    rng = np.random.default_rng(0)
-    img = rng.normal(size=(2, D, D))
-    H = ht2_center(img)
-    assert np.isrealobj(H)
-    F = fft2_center(img)
-    np.testing.assert_allclose(H, F.real - F.imag, atol=1e-12)
-    np.testing.assert_allclose(hartley_from_fourier(F), H)
-    np.testing.assert_allclose(iht2_center(H), img, atol=1e-12)
-    vol = rng.normal(size=(D, D, D))
-    np.testing.assert_allclose(iht3_center(ht3_center(vol)), vol, atol=1e-12)
-    t = torch.from_numpy(img)
-    np.testing.assert_allclose(iht2_center(ht2_center(t)).numpy(), img, atol=1e-12)
 
 
 def test_fourier_crop_of_a_sinusoid_keeps_its_physical_frequency_and_amplitude():

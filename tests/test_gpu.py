@@ -1,6 +1,6 @@
 """The GPU paths of `drgn train`, `drgn encode` and `drgn volumes`, checked against the CPU.
 
-These run where CUDA is present (bench/gpu_check.sh runs them on the device machine) and are skipped
+These run where CUDA is present (bench/gpu_check.sh runs them on any CUDA machine) and are skipped
 elsewhere, CI included. The CPU is the reference: the same model must give the same loss, latents and
 maps on the GPU in fp32 (up to the fp16 storage of the images on the GPU), and close ones under bf16
 autocast; the fp16 stack held on the GPU and the pinned-memory stream must serve the same batches; and a

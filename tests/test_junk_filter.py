@@ -1,12 +1,12 @@
 """Pilot training + `drgn filter` finds injected junk: the paper's outlier-removal procedure end to end.
 
-A CI-size version of the paper's pilot stage (DESIGN §7, issue 4): 1,200 simulated particles at D = 32 with
-10 % junk of the simulator's three kinds (noise images, unrelated objects, ice blobs), a 1-D and a 10-D pilot
-trained briefly with `drgn train`, and the filters the demo workflow uses — 2- and 5-component GMMs on the
-1-D and 10-D latents, removing every component whose mean ‖z‖ is far out (rule outlying_mean_norm) —
-intersected as the paper intersects its pilots. `drgn filter --table` scores the removed set against
-drgnGtJunk; F1 must reach 0.9 (the full-size demo, 3,000 particles, reaches 0.96 with 10 % junk and 0.98
-with 15 %).
+A CI-size version of the paper's pilot stage (docs/architecture.md § Metrics on simulated data, issue 4):
+1,200 simulated particles at D = 32 with 10 % junk of the simulator's three kinds (noise images, unrelated
+objects, ice blobs), a 1-D and a 10-D pilot trained briefly with `drgn train`, and the filters the demo
+workflow uses — 2- and 5-component GMMs on the 1-D and 10-D latents, removing every component whose mean ‖z‖
+is far out (rule outlying_mean_norm) — intersected as the paper intersects its pilots. `drgn filter --table`
+scores the removed set against drgnGtJunk; F1 must reach 0.9 (the full-size demo, 3,000 particles, reaches
+0.96 with 10 % junk and 0.98 with 15 %).
 """
 
 from __future__ import annotations

@@ -88,6 +88,26 @@ def test_dry_run_simulate_mode(tmp_path):
     assert "--source results/simulated/particles.star" in out
 
 
+def test_logs_and_benchmarks_follow_the_results_folder(tmp_path):
+    """Two configs run from one directory with different `results` keep their own logs and run times."""
+    cfg = write_config(tmp_path, {"results": "run_b", "pilot": {"train": {"epochs": 3, "enc_dim": 64}},
+                                  "highres": {"zdim": 8, "train": {"extra": "--precision fp32"}}})
+    jobs, out = dry_run(tmp_path, cfg)
+    assert jobs["train_pilot"] == 2
+    for log in ["run_b/logs/simulate/simulate.log", "run_b/logs/pilot/z1.log", "run_b/logs/pilot/z10.log",
+                "run_b/logs/highres/train.log", "run_b/logs/summarize/summarize.log"]:
+        assert f"> {log} 2>&1" in out, log
+    assert "--benchmarks run_b/benchmarks -o run_b/report/summary.json" in out
+    # one function builds both stages' `drgn train` flags from their own config sections
+    assert ("-o run_b/pilot/z1 --auto-resume --zdim 1 --epochs 3 --enc-dim 64 --enc-layers 3 --dec-dim 256 "
+            "--dec-layers 3 --batch-size 16 --lr 0.0001 --seed 0 --val-frac 0.0 --device auto --threads 1 "
+            "> run_b/logs/pilot/z1.log") in out
+    assert ("-o run_b/highres/train --auto-resume --ind run_b/filter/kept.npy --zdim 8 --epochs 20 "
+            "--enc-dim 256 --enc-layers 3 --dec-dim 256 --dec-layers 3 --batch-size 16 --lr 0.0001 --seed 0 "
+            "--val-frac 0.0 --device auto --precision fp32 --threads 1 > run_b/logs/highres/train.log") in out
+    assert "logs/" not in out.replace("run_b/logs/", "")
+
+
 @pytest.mark.parametrize("mode, source", [("star", "particles_relion31.star"), ("cs", "particles.cs")])
 def test_dry_run_import_modes(tmp_path, mode, source):
     if not CONVENTIONS.is_dir():
@@ -387,8 +407,16 @@ def test_full_run_outputs(completed_run):
     assert high["train"] + high["validation"] == len(kept)  # the high-res run trained on the kept rows only
     stages = {b["stage"] for b in summary["runtimes"]}
     assert {"simulate", "downsample", "pilot", "filter", "highres", "analyze"} <= stages
+    # logs and benchmarks live under the results folder (two configs in one directory keep their own), and
+    # the summary's run times are read from there: one row per benchmark file of a stage's jobs
     for stage in ["simulate", "pilot", "filter", "highres", "analyze", "traverse", "validate", "export"]:
-        assert any((workdir / "logs" / stage).glob("*.log")), stage
+        assert any((r / "logs" / stage).glob("*.log")), stage
+        assert any((r / "benchmarks" / stage).glob("*.tsv")), stage
+    assert (r / "benchmarks" / "summarize.tsv").is_file()
+    assert not (workdir / "logs").exists() and not (workdir / "benchmarks").exists()
+    benchmarked = {(f.parent.name, f.stem) for f in (r / "benchmarks").glob("*/*.tsv")}
+    assert {(b["stage"], b["job"]) for b in summary["runtimes"]} == benchmarked
+    assert ("pilot", "z1") in benchmarked and ("pilot", "z10") in benchmarked
 
 
 @pytest.mark.slow
@@ -536,7 +564,7 @@ def test_killed_highres_training_resumes_without_redoing_pilots(completed_run):
     changed = copy.deepcopy(TINY_CONFIG)
     changed["highres"]["train"]["extra"] = "--checkpoint-minutes 0.0005"
     cfg = write_config(workdir, changed, "checkpointing.yaml")
-    log = workdir / "logs" / "highres" / "train.log"
+    log = workdir / "results" / "logs" / "highres" / "train.log"
     ck = workdir / "results" / "highres" / "train" / "checkpoints" / "last.pt"
     log_mtime = log.stat().st_mtime_ns
     proc = subprocess.Popen(snakemake_cmd(workdir, cfg, "--cores", "2"),

@@ -20,7 +20,7 @@ Example:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="workflow config file (YAML)")
     parser.add_argument("--schema", default=None,
-                        help="schema file (default: the workflow's config/schema/config.schema.yaml)")
+                        help="schema file (default: the package's own drgn_core/config.schema.yaml)")
     parser.add_argument("--no-file-checks", action="store_true",
                         help="skip checking that input files exist (e.g. when validating on another machine)")
     parser.add_argument("--print-defaults", action="store_true",

@@ -1,4 +1,7 @@
-"""`drgn evaluate`: accuracy of a run against a simulated dataset's ground truth (DESIGN §7)."""
+"""`drgn evaluate`: accuracy of a run against a simulated dataset's ground truth.
+
+Metrics as docs/architecture.md § Metrics on simulated data defines them.
+"""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ Example:
   drgn summarize --table results/data/table.star --filter-dir results/filter \\
       --pilot results/pilot/z1 --pilot results/pilot/z10 --highres results/highres/train \\
       --backproject results/validation/backproject --metrics results/validation/metrics.json \\
-      --benchmarks benchmarks -o results/report/summary.json --html results/report/summary.html
+      --benchmarks results/benchmarks -o results/report/summary.json --html results/report/summary.html
 """
 
 
@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", metavar="metrics.json", action="append", default=[],
                         help="ground-truth metrics from drgn evaluate (repeatable)")
     parser.add_argument("--benchmarks", metavar="DIR",
-                        help="Snakemake benchmark folder (benchmarks/<stage>/*.tsv)")
+                        help="Snakemake benchmark folder of this run (DIR/<stage>/<job>.tsv; the workflow's "
+                             "is results/benchmarks)")
     parser.add_argument("-o", "--output", required=True, metavar="summary.json", help="output JSON")
     parser.add_argument("--html", metavar="summary.html", help="also write the tables as an HTML page")
     parser.add_argument("--rst", metavar="summary.rst", help="also write the tables as reStructuredText")

@@ -5,7 +5,7 @@ limit, and the compressed ``\\x95CSDAT`` stream) are read by cryoSPARC's own lib
 (`Dataset.load`), so we never hand-parse them; files we write are numpy-format `.cs` that the same
 library reads back (tests check that).
 
-Conversions (DESIGN §3):
+Conversions (docs/architecture.md § Conventions):
 
 - ``alignments3D/pose`` is a rotation vector r with A = R(r)ᵀ → RELION Euler angles via the pose matrix;
 - ``alignments3D/shift`` is in pixels of ``alignments3D/psize_A``, same sign as RELION's origins → Å;

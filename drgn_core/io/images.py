@@ -2,9 +2,10 @@
 
 Images live in the user's stacks (often thousands of them, one per micrograph). Reads are grouped by
 stack, each stack is memory-mapped (never loaded whole), and the table's drgnImageSign is applied so
-protein is bright whatever the source (DESIGN §3). Memory is bounded by the number of rows asked for:
-`iter_image_chunks` holds one chunk at a time, and at most `max_open` stacks stay mapped (each map holds a
-file descriptor; a dataset with 10⁴ stacks would otherwise exhaust the process's limit).
+protein is bright whatever the source (docs/architecture.md § Images and contrast). Memory is bounded by the
+number of rows asked for: `iter_image_chunks` holds one chunk at a time, and at most `max_open` stacks stay
+mapped (each map holds a file descriptor; a dataset with 10⁴ stacks would otherwise exhaust the process's
+limit).
 """
 
 from __future__ import annotations

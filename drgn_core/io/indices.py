@@ -1,9 +1,9 @@
 """Index files: 0-based rows of the canonical particle table, as `.npy` int64 with a `.txt` twin.
 
-DESIGN §3: every index file drgnflow reads or writes holds rows of the dataset's canonical table, never rows
-of a previous subset, so users never remap indices. One reader for every command, strict by default:
-anything that is not a non-empty 1-D set of distinct integers in range is refused with one line naming
-the file.
+docs/architecture.md § Indices: every index file drgnflow reads or writes holds rows of the dataset's
+canonical table, never rows of a previous subset, so users never remap indices. One reader for every command,
+strict by default: anything that is not a non-empty 1-D set of distinct integers in range is refused with one
+line naming the file.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Our own particle stacks, ``particles.{D}.mrcs``, and the JSON sidecar that says what they are.
 
-Row i of such a stack is row i of the canonical table (DESIGN §4), already sign-corrected and
-downsampled. The MRC header alone cannot say which table a stack belongs to, nor the original box and
-pixel size it came from, so `drgn downsample` writes ``particles.{D}.json`` beside it:
+Row i of such a stack is row i of the canonical table (docs/architecture.md § Stacks per box size), already
+sign-corrected and downsampled. The MRC header alone cannot say which table a stack belongs to, nor the
+original box and pixel size it came from, so `drgn downsample` writes ``particles.{D}.json`` beside it:
 
     {"D": 128, "apix": 2.13, "D0": 256, "apix0": 1.065, "n": 10000, "dtype": "float32",
      "table": "/abs/table.star", "table_sha256": "…"}

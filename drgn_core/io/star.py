@@ -3,8 +3,9 @@ writing plain RELION 3.1 STARs, and a fast STAR writer used by every table we wr
 
 RELION 3.0 keeps everything per particle in one block: optics (voltage, Cs, amplitude contrast, detector
 pixel size and magnification) and origins in *pixels*. RELION 3.1 moved optics into ``data_optics`` and
-origins into Ångström (``rlnOriginX/YAngst``). Both become the same canonical table (DESIGN §4): RELION
-3.1 layout, origins in Å, one optics group per distinct optics tuple, every original column kept.
+origins into Ångström (``rlnOriginX/YAngst``). Both become the same canonical table
+(docs/architecture.md § Canonical particle table): RELION 3.1 layout, origins in Å, one optics group per
+distinct optics tuple, every original column kept.
 
 ``rlnImageName`` is ``N@stack`` with 1-based N. Parsing is vectorised (pandas string ops) and each distinct
 stack path is resolved once, so a million-particle STAR imports in seconds.

@@ -1,4 +1,6 @@
-"""The canonical particle table: one per dataset, the contract between every stage (DESIGN §4).
+"""The canonical particle table: one per dataset, the contract between every stage.
+
+Its contract is docs/architecture.md § Canonical particle table.
 
 On disk it is a RELION 3.1 STAR file with three blocks:
 

@@ -14,19 +14,20 @@ rule analyze_highres:
             labels=get_report_label("{name}"),
         ),
     log:
-        "logs/analyze/analyze.log",
+        get_log("analyze", "analyze"),
     benchmark:
-        "benchmarks/analyze/analyze.tsv"
+        get_benchmark("analyze", "analyze")
     conda:
         "../../envs/cpu.yaml"
     threads: get_threads("analyze")
     resources:
         **get_resources("analyze"),
     params:
-        run=folder_of_input("model"),
-        a=config["analyze"],
+        run_dir=folder_of_input("model"),
+        analysis=config["analyze"],
         device=config["device"],
         version=DRGN_VERSION,
     shell:
-        "drgn analyze {params.run} -o {output.outdir} --ksample {params.a[ksample]} --pc {params.a[pc]} "
-        "--seed {params.a[seed]} --device {params.device} {params.a[extra]} > {log} 2>&1"
+        "drgn analyze {params.run_dir} -o {output.outdir} --ksample {params.analysis[ksample]} "
+        "--pc {params.analysis[pc]} --seed {params.analysis[seed]} --device {params.device} "
+        "{params.analysis[extra]} > {log} 2>&1"

@@ -23,11 +23,8 @@ def get_config_sources():
 
 
 try:
-    validate_config(
-        config,
-        schema_path=Path(workflow.basedir) / "config" / "schema" / "config.schema.yaml",
-        source=get_config_sources(),
-    )
+    # the schema ships inside drgn_core (package data): the one copy `drgn check-config` reads too
+    validate_config(config, source=get_config_sources())
 except DrgnError as e:
     raise WorkflowError(str(e)) from None
 
@@ -46,9 +43,13 @@ SIM_DIR = f"{R}/simulated"
 TABLE = f"{SIM_DIR}/table.star" if SIMULATED else f"{R}/data/table.star"
 HIGHRES = f"{R}/highres/train"
 FILTER = f"{R}/filter"
+# Job logs and Snakemake benchmark files live under the results folder too, so two configs run from one
+# directory (different `results`) keep their own, and the summary reads only its own run's run times.
+LOGS = f"{R}/logs"
+BENCHMARKS = f"{R}/benchmarks"
 
-# Files of a `drgn train` run directory that later rules read (architecture.md, "Run directory");
-# learning_curve.png is declared by each training rule itself, for the report.
+# Files of a `drgn train` run directory that later rules read (docs/architecture.md § Run directory of
+# drgn train); learning_curve.png is declared by each training rule itself, for the report.
 RUN_FILES = ["model.pt", "z.npy", "indices.npy", "config.yaml", "train_log.csv"]
 
 
@@ -68,7 +69,21 @@ def get_stack(D):
 
 
 def get_pilot_dir(zdim):
+    """The run directory of the pilot of latent dimension `zdim`: the one place that names it.
+
+    Rules pass the wildcard itself (`get_pilot_dir("{zdim}")`), the filter spec a format field.
+    """
     return f"{R}/pilot/z{zdim}"
+
+
+def get_log(stage, job):
+    """The log file of one job: {results}/logs/<stage>/<job>.log."""
+    return f"{LOGS}/{stage}/{job}.log"
+
+
+def get_benchmark(stage, job):
+    """The benchmark file of one job: {results}/benchmarks/<stage>/<job>.tsv (the summary reads these)."""
+    return f"{BENCHMARKS}/{stage}/{job}.tsv"
 
 
 def get_run_outputs(run_dir):
@@ -115,7 +130,29 @@ def get_import_options():
 
 def get_filter_spec():
     """The `drgn filter --spec` document written from the config (filter section)."""
-    return filter_spec(config, run_dir="{results}/pilot/z{zdim}")
+    return filter_spec(config, run_dir=get_pilot_dir("{zdim}"))
+
+
+def get_train_flags(stage):
+    """The `drgn train` flags of a training stage ("pilot" or "highres") from its config section.
+
+    One function for both stages, so that a new training option is added once. Returns an input function:
+    a pilot's latent dimension is its `zdim` wildcard, the high-res run's is `highres.zdim`. Paths
+    (table, stack, --ind, -o) and --threads stay in the rules, which own those files and the job size.
+    """
+    section = config[stage]
+    t = section["train"]
+
+    def flags(wildcards):
+        zdim = wildcards.zdim if stage == "pilot" else section["zdim"]
+        return (
+            f"--zdim {zdim} --epochs {t['epochs']} --enc-dim {t['enc_dim']} "
+            f"--enc-layers {t['enc_layers']} --dec-dim {t['dec_dim']} --dec-layers {t['dec_layers']} "
+            f"--batch-size {t['batch_size']} --lr {t['lr']} --seed {t['seed']} "
+            f"--val-frac {section['val_frac']} --device {config['device']} {t['extra']}"
+        ).strip()
+
+    return flags
 
 
 def get_threads(stage):

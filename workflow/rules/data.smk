@@ -13,9 +13,9 @@ if SIMULATED:
             gt=f"{SIM_DIR}/gt.json",
             gt_volumes=directory(f"{SIM_DIR}/gt_volumes"),
         log:
-            "logs/simulate/simulate.log",
+            get_log("simulate", "simulate"),
         benchmark:
-            "benchmarks/simulate/simulate.tsv"
+            get_benchmark("simulate", "simulate")
         conda:
             "../../envs/cpu.yaml"
         threads: get_threads("simulate")
@@ -23,14 +23,14 @@ if SIMULATED:
             **get_resources("simulate"),
         params:
             outdir=folder_of_output("table"),
-            sim=config["simulate"],
+            simulation=config["simulate"],
             version=DRGN_VERSION,
         shell:
-            "drgn simulate -o {params.outdir} --n {params.sim[n]} -D {params.sim[D]} "
-            "--apix {params.sim[apix]} --snr {params.sim[snr]} "
-            "--heterogeneity {params.sim[heterogeneity]} --distribution {params.sim[distribution]} "
-            "--n-states {params.sim[n_states]} --junk-fraction {params.sim[junk_fraction]} "
-            "--seed {params.sim[seed]} --threads {threads} {params.sim[extra]} > {log} 2>&1"
+            "drgn simulate -o {params.outdir} --n {params.simulation[n]} -D {params.simulation[D]} "
+            "--apix {params.simulation[apix]} --snr {params.simulation[snr]} "
+            "--heterogeneity {params.simulation[heterogeneity]} --distribution {params.simulation[distribution]} "
+            "--n-states {params.simulation[n_states]} --junk-fraction {params.simulation[junk_fraction]} "
+            "--seed {params.simulation[seed]} --threads {threads} {params.simulation[extra]} > {log} 2>&1"
 
 else:
 
@@ -40,19 +40,19 @@ else:
         output:
             table=TABLE,
         log:
-            "logs/import/import.log",
+            get_log("import", "import"),
         benchmark:
-            "benchmarks/import/import.tsv"
+            get_benchmark("import", "import")
         conda:
             "../../envs/cpu.yaml"
         threads: get_threads("import")
         resources:
             **get_resources("import"),
         params:
-            options=get_import_options(),
+            import_flags=get_import_options(),
             version=DRGN_VERSION,
         shell:
-            "drgn import {input.source:q} -o {output.table} {params.options} > {log} 2>&1"
+            "drgn import {input.source:q} -o {output.table} {params.import_flags} > {log} 2>&1"
 
 
 rule downsample:
@@ -62,18 +62,18 @@ rule downsample:
         stack=f"{R}/data/particles.{{D}}.mrcs",
         sidecar=f"{R}/data/particles.{{D}}.json",
     log:
-        "logs/downsample/D{D}.log",
+        get_log("downsample", "D{D}"),
     benchmark:
-        "benchmarks/downsample/D{D}.tsv"
+        get_benchmark("downsample", "D{D}")
     conda:
         "../../envs/cpu.yaml"
     threads: get_threads("downsample")
     resources:
         **get_resources("downsample"),
     params:
-        chunk=config["downsample"]["chunk"],
-        float16="--float16" if config["downsample"]["float16"] else "",
+        chunk_images=config["downsample"]["chunk"],
+        float16_flag="--float16" if config["downsample"]["float16"] else "",
         version=DRGN_VERSION,
     shell:
-        "drgn downsample {input.table} -D {wildcards.D} -o {output.stack} --chunk {params.chunk} "
-        "{params.float16} --max-threads {threads} > {log} 2>&1"
+        "drgn downsample {input.table} -D {wildcards.D} -o {output.stack} --chunk {params.chunk_images} "
+        "{params.float16_flag} --max-threads {threads} > {log} 2>&1"

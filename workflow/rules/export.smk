@@ -12,18 +12,18 @@ rule export_kept:
     output:
         outdir=directory(f"{R}/export"),
     log:
-        "logs/export/export.log",
+        get_log("export", "export"),
     benchmark:
-        "benchmarks/export/export.tsv"
+        get_benchmark("export", "export")
     conda:
         "../../envs/cpu.yaml"
     threads: get_threads("export")
     resources:
         **get_resources("export"),
     params:
-        name=config["export"]["name"],
-        kmeans=config["analyze"]["ksample"],
+        export_name=config["export"]["name"],
+        kmeans_k=config["analyze"]["ksample"],
         version=DRGN_VERSION,
     shell:
         "drgn export {input.table} --ind {input.kept} -o {output.outdir} --source {input.source:q} "
-        "--name {params.name} --volumes {input.volumes}/kmeans{params.kmeans} > {log} 2>&1"
+        "--name {params.export_name} --volumes {input.volumes}/kmeans{params.kmeans_k} > {log} 2>&1"

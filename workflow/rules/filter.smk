@@ -11,9 +11,9 @@ rule write_filter_spec:
     output:
         spec=f"{R}/filter_spec.yaml",
     log:
-        "logs/filter/spec.log",
+        get_log("filter", "spec"),
     benchmark:
-        "benchmarks/filter/spec.tsv"
+        get_benchmark("filter", "spec")
     conda:
         "../../envs/cpu.yaml"
     threads: 1
@@ -43,9 +43,9 @@ rule filter_particles:
             labels={"figure": "kept and removed particles"},
         ),
     log:
-        "logs/filter/filter.log",
+        get_log("filter", "filter"),
     benchmark:
-        "benchmarks/filter/filter.tsv"
+        get_benchmark("filter", "filter")
     conda:
         "../../envs/cpu.yaml"
     threads: get_threads("filter")
@@ -54,7 +54,9 @@ rule filter_particles:
     params:
         outdir=folder_of_output("kept"),
         # with ground truth, filter.json also scores the removed set against the injected junk
-        table=lambda wildcards, input: f"--table {input.table}" if GROUND_TRUTH else "",
+        ground_truth_table=lambda wildcards, input: (
+            f"--table {input.table}" if GROUND_TRUTH else ""
+        ),
         version=DRGN_VERSION,
     shell:
-        "drgn filter --spec {input.spec} {params.table} -o {params.outdir} > {log} 2>&1"
+        "drgn filter --spec {input.spec} {params.ground_truth_table} -o {params.outdir} > {log} 2>&1"

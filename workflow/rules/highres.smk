@@ -16,26 +16,18 @@ rule train_highres:
             labels={"figure": "learning curve"},
         ),
     log:
-        "logs/highres/train.log",
+        get_log("highres", "train"),
     benchmark:
-        "benchmarks/highres/train.tsv"
+        get_benchmark("highres", "train")
     conda:
         "../../envs/gpu.yaml"
     threads: get_threads("highres")
     resources:
         **get_resources("highres"),
     params:
-        run=folder_of_output("model"),
-        zdim=config["highres"]["zdim"],
-        t=config["highres"]["train"],
-        val_frac=config["highres"]["val_frac"],
-        device=config["device"],
+        run_dir=folder_of_output("model"),
+        train_flags=get_train_flags("highres"),
         version=DRGN_VERSION,
     shell:
-        "drgn train {input.table} {input.stack} -o {params.run} --auto-resume --zdim {params.zdim} "
-        "--ind {input.kept} "
-        "--epochs {params.t[epochs]} --enc-dim {params.t[enc_dim]} --enc-layers {params.t[enc_layers]} "
-        "--dec-dim {params.t[dec_dim]} --dec-layers {params.t[dec_layers]} "
-        "--batch-size {params.t[batch_size]} --lr {params.t[lr]} --seed {params.t[seed]} "
-        "--val-frac {params.val_frac} --device {params.device} --threads {threads} "
-        "{params.t[extra]} > {log} 2>&1"
+        "drgn train {input.table} {input.stack} -o {params.run_dir} --auto-resume --ind {input.kept} "
+        "{params.train_flags} --threads {threads} > {log} 2>&1"

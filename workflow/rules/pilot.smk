@@ -7,32 +7,26 @@ rule train_pilot:
         table=TABLE,
         stack=get_stack(PILOT_D),
     output:
-        **get_run_outputs(f"{R}/pilot/z{{zdim}}"),
+        **get_run_outputs(get_pilot_dir("{zdim}")),
         curve=report(
-            f"{R}/pilot/z{{zdim}}/learning_curve.png",
+            f"{get_pilot_dir('{zdim}')}/learning_curve.png",
             caption="../report/pilot_curve.rst",
             category="1. Pilot training",
             labels={"pilot": "zdim {zdim}", "figure": "learning curve"},
         ),
     log:
-        "logs/pilot/z{zdim}.log",
+        get_log("pilot", "z{zdim}"),
     benchmark:
-        "benchmarks/pilot/z{zdim}.tsv"
+        get_benchmark("pilot", "z{zdim}")
     conda:
         "../../envs/gpu.yaml"
     threads: get_threads("pilot")
     resources:
         **get_resources("pilot"),
     params:
-        run=folder_of_output("model"),
-        t=config["pilot"]["train"],
-        val_frac=config["pilot"]["val_frac"],
-        device=config["device"],
+        run_dir=folder_of_output("model"),
+        train_flags=get_train_flags("pilot"),
         version=DRGN_VERSION,
     shell:
-        "drgn train {input.table} {input.stack} -o {params.run} --auto-resume --zdim {wildcards.zdim} "
-        "--epochs {params.t[epochs]} --enc-dim {params.t[enc_dim]} --enc-layers {params.t[enc_layers]} "
-        "--dec-dim {params.t[dec_dim]} --dec-layers {params.t[dec_layers]} "
-        "--batch-size {params.t[batch_size]} --lr {params.t[lr]} --seed {params.t[seed]} "
-        "--val-frac {params.val_frac} --device {params.device} --threads {threads} "
-        "{params.t[extra]} > {log} 2>&1"
+        "drgn train {input.table} {input.stack} -o {params.run_dir} --auto-resume "
+        "{params.train_flags} --threads {threads} > {log} 2>&1"

@@ -18,30 +18,30 @@ rule summarize:
             labels={"table": "summary"},
         ),
     log:
-        "logs/summarize/summarize.log",
+        get_log("summarize", "summarize"),
     benchmark:
-        # top level: the summary reads benchmarks/<stage>/*.tsv and cannot time itself
-        "benchmarks/summarize.tsv"
+        # top level of the benchmark folder: the summary reads <stage>/*.tsv there and cannot time itself
+        f"{BENCHMARKS}/summarize.tsv"
     conda:
         "../../envs/cpu.yaml"
     threads: get_threads("summarize")
     resources:
         **get_resources("summarize"),
     params:
-        pilots=lambda wildcards, input: [str(Path(m).parent) for m in input.pilots],
-        highres=lambda wildcards, input: str(Path(input.highres).parent),
+        pilot_dirs=lambda wildcards, input: [str(Path(m).parent) for m in input.pilots],
+        highres_dir=lambda wildcards, input: str(Path(input.highres).parent),
         filter_dir=lambda wildcards, input: str(Path(input.kept).parent),
-        metrics=lambda wildcards, input: " ".join(
+        metrics_flags=lambda wildcards, input: " ".join(
             f"--metrics {m}" for m in input.metrics
         ),
-        backproject=lambda wildcards, input: (
+        backproject_flag=lambda wildcards, input: (
             f"--backproject {Path(input.backproject[0]).parent}"
             if input.backproject
             else ""
         ),
-        benchmarks="benchmarks",
+        benchmark_dir=BENCHMARKS,
         version=DRGN_VERSION,
     shell:
         "drgn summarize --table {input.table} --filter-dir {params.filter_dir} "
-        "--pilot {params.pilots} --highres {params.highres} {params.backproject} {params.metrics} "
-        "--benchmarks {params.benchmarks} -o {output.json} --html {output.html} > {log} 2>&1"
+        "--pilot {params.pilot_dirs} --highres {params.highres_dir} {params.backproject_flag} "
+        "{params.metrics_flags} --benchmarks {params.benchmark_dir} -o {output.json} --html {output.html} > {log} 2>&1"

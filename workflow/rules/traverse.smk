@@ -14,20 +14,21 @@ rule traverse_highres:
             labels=get_report_label("traversal ({name})"),
         ),
     log:
-        "logs/traverse/traverse.log",
+        get_log("traverse", "traverse"),
     benchmark:
-        "benchmarks/traverse/traverse.tsv"
+        get_benchmark("traverse", "traverse")
     conda:
         "../../envs/cpu.yaml"
     threads: get_threads("traverse")
     resources:
         **get_resources("traverse"),
     params:
-        run=folder_of_input("model"),
-        t=config["traverse"],
-        anchors=get_traverse_anchors(),
+        run_dir=folder_of_input("model"),
+        traversal=config["traverse"],
+        anchor_flags=get_traverse_anchors(),
         device=config["device"],
         version=DRGN_VERSION,
     shell:
-        "drgn traverse {params.run} -o {output.outdir} --method {params.t[method]} {params.anchors} "
-        "--max-volumes {params.t[max_volumes]} --device {params.device} > {log} 2>&1"
+        "drgn traverse {params.run_dir} -o {output.outdir} --method {params.traversal[method]} "
+        "{params.anchor_flags} --max-volumes {params.traversal[max_volumes]} --device {params.device} "
+        "> {log} 2>&1"

@@ -20,9 +20,9 @@ rule backproject_kept:
             labels={"figure": "half-map FSC of the kept particles"},
         ),
     log:
-        "logs/validate/backproject.log",
+        get_log("validate", "backproject"),
     benchmark:
-        "benchmarks/validate/backproject.tsv"
+        get_benchmark("validate", "backproject")
     conda:
         "../../envs/cpu.yaml"
     threads: get_threads("backproject")
@@ -30,12 +30,12 @@ rule backproject_kept:
         **get_resources("backproject"),
     params:
         outdir=folder_of_output("map"),
-        seed=config["validate"]["seed"],
+        half_map_seed=config["validate"]["seed"],
         device=config["device"],
         version=DRGN_VERSION,
     shell:
         "drgn backproject {input.table} {input.stack} -o {params.outdir} --ind {input.kept} "
-        "--seed {params.seed} --device {params.device} > {log} 2>&1"
+        "--seed {params.half_map_seed} --device {params.device} > {log} 2>&1"
 
 
 if GROUND_TRUTH:
@@ -49,44 +49,44 @@ if GROUND_TRUTH:
         output:
             metrics=f"{R}/validation/metrics.json",
         log:
-            "logs/validate/evaluate.log",
+            get_log("validate", "evaluate"),
         benchmark:
-            "benchmarks/validate/evaluate.tsv"
+            get_benchmark("validate", "evaluate")
         conda:
             "../../envs/cpu.yaml"
         threads: get_threads("evaluate")
         resources:
             **get_resources("evaluate"),
         params:
-            run=folder_of_input("model"),
+            run_dir=folder_of_input("model"),
             filter_dir=folder_of_input("kept"),
-            n_fsc=config["validate"]["n_fsc"],
+            n_fsc_images=config["validate"]["n_fsc"],
             device=config["device"],
             version=DRGN_VERSION,
         shell:
-            "drgn evaluate {params.run} --table {input.table} --gt-dir {input.gt_volumes} "
-            "--filter-dir {params.filter_dir} --n-fsc {params.n_fsc} --device {params.device} "
+            "drgn evaluate {params.run_dir} --table {input.table} --gt-dir {input.gt_volumes} "
+            "--filter-dir {params.filter_dir} --n-fsc {params.n_fsc_images} --device {params.device} "
             "-o {output.metrics} > {log} 2>&1"
 
     rule evaluate_pilot:
         input:
-            model=f"{R}/pilot/z{{zdim}}/model.pt",
-            z=f"{R}/pilot/z{{zdim}}/z.npy",
+            model=f"{get_pilot_dir('{zdim}')}/model.pt",
+            z=f"{get_pilot_dir('{zdim}')}/z.npy",
             table=TABLE,
         output:
             metrics=f"{R}/validation/metrics_pilot_z{{zdim}}.json",
         log:
-            "logs/validate/evaluate_pilot_z{zdim}.log",
+            get_log("validate", "evaluate_pilot_z{zdim}"),
         benchmark:
-            "benchmarks/validate/evaluate_pilot_z{zdim}.tsv"
+            get_benchmark("validate", "evaluate_pilot_z{zdim}")
         conda:
             "../../envs/cpu.yaml"
         threads: get_threads("evaluate")
         resources:
             **get_resources("evaluate"),
         params:
-            run=folder_of_input("model"),
+            run_dir=folder_of_input("model"),
             version=DRGN_VERSION,
         shell:
             # latent metrics only (|Spearman rho|, ARI): no per-image FSC for the small pilot models
-            "drgn evaluate {params.run} --table {input.table} --n-fsc 0 -o {output.metrics} > {log} 2>&1"
+            "drgn evaluate {params.run_dir} --table {input.table} --n-fsc 0 -o {output.metrics} > {log} 2>&1"
