@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from drgn_core.errors import InputError, collect
+from drgn_core.io.overrides import OVERRIDE_OPTIONS, supply_hint
 from drgn_core.io.star import format_rows
 from drgn_core.io.table import CTF_PARTICLE_COLUMNS, POSE_COLUMNS, SHIFT_COLUMNS, ParticleTable
 
@@ -24,15 +25,20 @@ FORMAT_NAMES = {"star30": "RELION 3.0 STAR", "star31": "RELION 3.1+ STAR", "cs":
 
 def import_particles(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
                      apix: float | None = None, box: int | None = None, invert: bool = False,
-                     check_nan: bool = False) -> ParticleTable:
+                     check_nan: bool = False, kv: float | None = None, cs: float | None = None,
+                     amp_contrast: float | None = None, phase_shift: float | None = None) -> ParticleTable:
     """Read a `.star` or `.cs` particle file into a validated canonical `ParticleTable`.
 
-    `datadir`: folder that stack paths are relative to (default: the input's folder); `apix`: pixel size
-    of the particle images, overriding the file; `box`: expected box size, checked against the stacks;
+    `datadir`: folder that stack paths are relative to (default: the input's folder); `apix`, `kv`, `cs`,
+    `amp_contrast`, `phase_shift`: values that replace (or supply, where the file lacks them) the pixel
+    size of the particle images (Å), the voltage (kV), Cs (mm), amplitude contrast and phase shift (°);
+    `box`: expected box size, checked against the stacks;
     `invert`: flip the contrast (for stacks with dark particles that the metadata does not mark);
     `check_nan`: also scan every image for NaN/Inf pixels (reads all images).
     Raises one `InputError` listing every problem found.
     """
+    from drgn_core.io.overrides import check_overrides, make_overrides
+
     path = Path(path)
     if not path.exists():
         raise InputError("no such file", path)
@@ -40,16 +46,18 @@ def import_particles(path: str | os.PathLike, datadir: str | os.PathLike | None 
         raise InputError("is a folder; give the particle .star or .cs file", path)
     if datadir is not None and not Path(datadir).is_dir():
         raise InputError("is not a folder (--datadir)", datadir)
-    if apix is not None and not (np.isfinite(apix) and apix > 0):
-        raise InputError(f"--apix must be a positive number of Å/px, got {apix}", path)
+    overrides = make_overrides(apix, kv, cs, amp_contrast, phase_shift)
+    bad = check_overrides(overrides)
+    if bad:
+        raise InputError("; ".join(bad), path)
     problems: list[str] = []
     suffix = path.suffix.lower()
     if suffix == ".star":
         from drgn_core.io.star import read_relion_star
-        table = read_relion_star(path, datadir, apix, problems)
+        table = read_relion_star(path, datadir, None, problems, overrides=overrides)
     elif suffix == ".cs":
         from drgn_core.io.cs import read_cs
-        table = read_cs(path, datadir, apix, problems)
+        table = read_cs(path, datadir, None, problems, overrides=overrides)
     else:
         raise InputError(f"unknown particle file type '{path.suffix}'; drgn import reads RELION .star and "
                          "cryoSPARC .cs files", path)
@@ -61,7 +69,8 @@ def import_particles(path: str | os.PathLike, datadir: str | os.PathLike | None 
         collect(find_nonfinite_images(table), path)
     table.provenance.update({"datadir": str(Path(datadir).absolute()) if datadir is not None else "",
                              "invert": str(bool(invert)).lower(),
-                             "apix_override": "" if apix is None else f"{apix:g}"})
+                             **{f"override_{opt.lstrip('-').replace('-', '_')}": f"{overrides[c]:g}"
+                                for c, opt in OVERRIDE_OPTIONS.items() if c in overrides}})
     return table
 
 
@@ -150,12 +159,14 @@ def _check_values(table: ParticleTable, problems: list[str]) -> None:
     def label(c: str) -> str:
         return _CS_NAMES.get(c, c) if is_cs else c
 
-    for c in [*POSE_COLUMNS, *SHIFT_COLUMNS, *CTF_PARTICLE_COLUMNS, "rlnPhaseShift"]:
+    px = o["rlnImagePixelSize"].to_numpy(dtype=np.float64)
+    # Origins in pixels cannot become Å without a pixel size; the reader already said it is missing.
+    shifts = SHIFT_COLUMNS if not np.isnan(px).all() else []
+    for c in [*POSE_COLUMNS, *shifts, *CTF_PARTICLE_COLUMNS, "rlnPhaseShift"]:
         if c in p and pd.api.types.is_numeric_dtype(p[c]):
             bad = np.flatnonzero(~np.isfinite(p[c].to_numpy(dtype=np.float64)))
             if len(bad):
                 problems.append(f"{format_rows(bad)}: {label(c)} is NaN or infinite")
-    px = o["rlnImagePixelSize"].to_numpy(dtype=np.float64)
     if not np.isnan(px).all():  # all-NaN: the reader already said the pixel size is missing
         if not (np.isfinite(px) & (px > 0)).all():
             problems.append(f"pixel size {px.tolist()} Å is not a positive number")
@@ -169,10 +180,15 @@ def _check_values(table: ParticleTable, problems: list[str]) -> None:
     for c, ok, what in checks:
         if c in o and pd.api.types.is_numeric_dtype(o[c]):
             v = o[c].to_numpy(dtype=np.float64)
+            if np.isnan(v).all():
+                continue  # a missing column: the reader said so, naming the option that supplies it
             with np.errstate(invalid="ignore"):
                 bad = ~(np.isfinite(v) & ok(v))
             for g, val in zip(o["rlnOpticsGroup"][bad], v[bad]):
-                problems.append(f"optics group {g}: {label(c)} is {val:g}; {what}")
+                if np.isnan(val):
+                    problems.append(f"optics group {g}: {label(c)} has no value; {supply_hint(c)}")
+                else:
+                    problems.append(f"optics group {g}: {label(c)} is {val:g}; {what}")
 
 
 _CS_NAMES = {"rlnAngleRot": "alignments3D/pose", "rlnAngleTilt": "alignments3D/pose",

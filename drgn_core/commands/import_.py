@@ -18,6 +18,7 @@ file's folder. cryoSPARC blob/sign = -1 (dark particles) is recorded and applied
 Example:
   drgn import Refine3D/job012/run_data.star --datadir . -o work/table.star
   drgn import J42/J42_particles.cs --datadir /data/cryosparc/P3 -o work/table.star --check-nan
+  drgn import Parameters.star --amp-contrast 0.1 -o work/table.star   # a RELION 3.0 file without w
 """
 
 
@@ -28,6 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "folder); default: the input file's folder")
     parser.add_argument("--apix", type=float, help="pixel size of the particle images in Å (overrides the "
                         "file; needed when it does not say)")
+    parser.add_argument("--kv", type=float, help="acceleration voltage in kV (overrides the file; needed "
+                        "when it does not say)")
+    parser.add_argument("--cs", type=float, help="spherical aberration Cs in mm (overrides the file)")
+    parser.add_argument("--amp-contrast", type=float, help="amplitude contrast, e.g. 0.1 (overrides the "
+                        "file; "
+                        "RELION 3.0 files may lack it)")
+    parser.add_argument("--phase-shift", type=float, help="phase shift in degrees for every particle "
+                        "(overrides the file; absent means 0)")
     parser.add_argument("--box", type=int, help="expected box size in pixels, checked against the stacks")
     parser.add_argument("--invert", action="store_true", help="invert the contrast (use when the stacks hold "
                         "dark particles and the metadata does not say so)")
@@ -42,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     refuse_overwrite_input([args.output], [args.input])
     table = import_particles(args.input, datadir=args.datadir, apix=args.apix, box=args.box,
-                             invert=args.invert, check_nan=args.check_nan)
+                             invert=args.invert, check_nan=args.check_nan, kv=args.kv, cs=args.cs,
+                             amp_contrast=args.amp_contrast, phase_shift=args.phase_shift)
     write_table(table, args.output)
     print(summary(table, args.input) + f" Wrote {args.output}.")
     return 0

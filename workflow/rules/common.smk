@@ -108,6 +108,9 @@ def get_import_options():
         opts.append(f"--apix {inp['apix']}")
     if inp["box"] is not None:
         opts.append(f"--box {inp['box']}")
+    for key in ("kv", "cs", "amp_contrast", "phase_shift"):
+        if inp.get(key) is not None:
+            opts.append(f"--{key.replace('_', '-')} {inp[key]}")
     if inp["invert"]:
         opts.append("--invert")
     return " ".join(opts)
