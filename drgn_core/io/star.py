@@ -368,7 +368,7 @@ def _optics_31(optics: pd.DataFrame, particles: pd.DataFrame, over: dict[str, fl
         if c in over:
             optics[c] = over[c]
         elif c not in optics:
-            if need_ctf or c == "rlnImagePixelSize":
+            if need_ctf:  # else a ctf.pkl supplies the optics, pixel size included
                 probs.append(missing_column(c, "data_optics "))
             optics[c] = np.nan
     if "rlnImageSize" not in optics:
@@ -418,8 +418,9 @@ def _optics_30(particles: pd.DataFrame, over: dict[str, float], probs: list[str]
             px = (particles["rlnDetectorPixelSize"].to_numpy(dtype=np.float64) * 1e4
                   / particles["rlnMagnification"].to_numpy(dtype=np.float64))
     else:
-        probs.append("does not give the pixel size (no rlnImagePixelSize column, nor rlnDetectorPixelSize "
-                     "and rlnMagnification); give it with --apix")
+        if need_ctf:  # else a ctf.pkl supplies it
+            probs.append("does not give the pixel size (no rlnImagePixelSize column, nor "
+                         "rlnDetectorPixelSize and rlnMagnification); give it with --apix")
         px = np.full(n, np.nan)
     bad_px = ~(np.isfinite(px) & (px > 0))
     if bad_px.any() and not np.isnan(px).all():
