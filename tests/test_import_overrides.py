@@ -152,3 +152,21 @@ def test_workflow_config_keys_become_import_flags(tmp_path):
     import_.add_arguments(args)
     ns = args.parse_args(["x.star", "-o", "t.star", *flags])
     assert (ns.apix, ns.kv, ns.cs, ns.amp_contrast, ns.phase_shift) == (1.31, 300, 2.7, 0.1, 90)
+
+
+def test_workflow_config_second_files(tmp_path):
+    """input.poses / input.ctf / input.allow_pickle become --poses / --ctf / --allow-pickle; a pickle
+    without allow_pickle is refused by the config check."""
+    from drgn_core.config_check import validate_config
+    from drgn_core.errors import InputError
+
+    for name in ("p.star", "poses.pkl", "my ctf.pkl"):
+        (tmp_path / name).write_text("")
+    config = {"input": {"mode": "star", "path": "p.star", "poses": "poses.pkl", "ctf": "my ctf.pkl"}}
+    with pytest.raises(InputError, match=r"key 'input\.poses': poses\.pkl is a cryoDRGN pickle; set "
+                                         "input.allow_pickle: true to read it"):
+        validate_config(config, base=tmp_path)
+    config = {"input": {"mode": "star", "path": "p.star", "poses": "poses.pkl", "ctf": "my ctf.pkl",
+                        "allow_pickle": True}}
+    validate_config(config, base=tmp_path)
+    assert _import_options(config) == "--poses poses.pkl --ctf 'my ctf.pkl' --allow-pickle"

@@ -111,6 +111,11 @@ def get_import_options():
     for key in ("kv", "cs", "amp_contrast", "phase_shift"):
         if inp.get(key) is not None:
             opts.append(f"--{key.replace('_', '-')} {inp[key]}")
+    for key in ("poses", "ctf"):
+        if inp.get(key):
+            opts.append(f"--{key} {shlex.quote(inp[key])}")
+    if inp.get("allow_pickle"):
+        opts.append("--allow-pickle")
     if inp["invert"]:
         opts.append("--invert")
     return " ".join(opts)
