@@ -24,7 +24,7 @@ import pandas as pd
 
 def make_dataset(root: Path, n: int, n_stacks: int, D: int = 8, seed: int = 0) -> Path:
     """Stacks s000.mrcs … and particles.star (RELION 3.1) with random poses/CTF over them."""
-    from drgn_core.io.star import write_star
+    from drgn_core.io.star_format import write_star
 
     rng = np.random.default_rng(seed)
     per = -(-n // n_stacks)

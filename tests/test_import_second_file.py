@@ -57,7 +57,7 @@ def cryodrgn_rot_from_relion(euler_deg: np.ndarray) -> np.ndarray:
 
 
 def fixture_star_columns(name: str, *columns: str) -> np.ndarray:
-    from drgn_core.io.star import read_star_blocks
+    from drgn_core.io.star_format import read_star_blocks
 
     blocks = read_star_blocks(FIXTURE / name)
     df = blocks["particles"] if "particles" in blocks else blocks[""]

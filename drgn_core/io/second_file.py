@@ -92,7 +92,8 @@ def _cs_poses(path: Path, apix: float | None) -> PoseSource:
 
 
 def _star_poses(path: Path, apix: float | None) -> PoseSource:
-    from drgn_core.io.star import check_numeric, read_star_blocks
+    from drgn_core.io.star import check_numeric
+    from drgn_core.io.star_format import read_star_blocks
 
     blocks = read_star_blocks(path)
     particles = blocks.get("particles")

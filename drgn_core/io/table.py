@@ -188,7 +188,7 @@ class ParticleTable:
 
 def read_table(path: str | os.PathLike) -> ParticleTable:
     """Read a canonical table written by `write_table` (or by `drgn import` / `drgn simulate`)."""
-    from drgn_core.io.star import read_star_blocks
+    from drgn_core.io.star_format import read_star_blocks
 
     path = Path(path)
     if not path.exists():
@@ -216,7 +216,7 @@ def read_table(path: str | os.PathLike) -> ParticleTable:
 
 def write_table(table: ParticleTable, path: str | os.PathLike, **provenance) -> None:
     """Write the canonical table atomically. Extra keyword arguments are recorded as provenance."""
-    from drgn_core.io.star import write_star
+    from drgn_core.io.star_format import write_star
 
     prov = {**table.provenance, **provenance, "drgnflow_version": __version__}
     prov_df = pd.DataFrame({k: [str(v)] for k, v in prov.items()})
