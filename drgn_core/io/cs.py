@@ -41,15 +41,51 @@ NO_POSES_HINT = ("drgnflow needs consensus poses: use the particles output of a 
                  "(e.g. J42/J42_particles.cs or its exported particles)")
 
 
+CSDAT_MAGIC = b"\x95CSDAT"
+# Run in a child process: cryosparc-tools' stream decoder crashes the interpreter (SIGSEGV) on a truncated
+# or damaged stream-format file (found by tests/test_fuzz_readers.py), so it decodes there, into the
+# numpy format, which is then read here.
+_CSDAT_TO_NUMPY = """
+import sys
+from cryosparc.dataset import NUMPY_FORMAT, Dataset
+d = Dataset.load(sys.argv[1])
+with open(sys.argv[2], "wb") as f:
+    d.save(f, format=NUMPY_FORMAT)
+"""
+
+
 def load_dataset(path: str | os.PathLike):
-    """cryosparc-tools `Dataset` of a `.cs` file, with a one-line error for anything unreadable."""
+    """cryosparc-tools `Dataset` of a `.cs` file, with a one-line error for anything unreadable.
+
+    The compressed stream format (magic ``\\x95CSDAT``) is decoded in a child process, so a damaged file
+    that crashes the decoder gives an error instead of killing drgnflow.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
     from cryosparc.dataset import Dataset
 
     path = Path(path)
     if not path.is_file():
         raise InputError("no such file", path)
     try:
-        return Dataset.load(path)
+        with open(path, "rb") as f:
+            magic = f.read(len(CSDAT_MAGIC))
+        if magic != CSDAT_MAGIC:
+            return Dataset.load(path)
+        with tempfile.TemporaryDirectory(prefix="drgn-cs-") as tmp:
+            out = Path(tmp) / "dataset.cs"
+            proc = subprocess.run([sys.executable, "-c", _CSDAT_TO_NUMPY, str(path), str(out)],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+                why = last if proc.returncode > 0 else f"the decoder crashed (signal {-proc.returncode})"
+                raise InputError(f"cannot read as a cryoSPARC .cs file (damaged or truncated stream format: "
+                                 f"{why})", path)
+            return Dataset.load(out)
+    except InputError:
+        raise
     except Exception as e:  # cryosparc-tools raises several kinds for truncated/foreign files
         raise InputError(f"cannot read as a cryoSPARC .cs file ({type(e).__name__}: {e})", path) from None
 

@@ -84,6 +84,8 @@ def parse_image_names(names: pd.Series, problems: list[str], label: str = "rlnIm
     below 1 get index -1 and a problem.
     """
     s = names.astype("str").str.strip()
+    if not len(s):  # an empty loop (the importer says "holds no particles")
+        return np.zeros(0, dtype=np.int64), s
     has_at = s.str.contains("@", regex=False).to_numpy()
     parts = s.str.partition("@")
     refs = parts[2].where(has_at, s)
@@ -308,7 +310,7 @@ def _optics_30(particles: pd.DataFrame, over: dict[str, float], probs: list[str]
     bad_px = ~(np.isfinite(px) & (px > 0))
     if bad_px.any() and not np.isnan(px).all():
         probs.append(f"{format_rows(np.flatnonzero(bad_px))}: pixel size is not a positive number")
-    keys = pd.DataFrame({c: particles[c].to_numpy(dtype=np.float64) if c in particles else np.nan
+    keys = pd.DataFrame({c: particles[c].to_numpy(dtype=np.float64) if c in particles else np.full(n, np.nan)
                          for c in OPTICS_CTF_COLUMNS})
     keys["rlnImagePixelSize"] = px
     group = number_optics_groups(keys) if n else np.zeros(0, dtype=np.int64)

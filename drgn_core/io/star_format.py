@@ -114,7 +114,7 @@ def _words(line: bytes, offset: int) -> list[str]:
     if '"' not in s and "'" not in s:
         return s.split()
     try:
-        return shlex.split(s, comments=False)
+        return shlex.split(s, comments=True)
     except ValueError as e:
         raise _StarSyntaxError(f"{e} in {s[:60]!r}", offset) from None
 
@@ -185,9 +185,11 @@ def _parse_loop(text: bytes, pos: int, end: int, keep_str: set[str]) -> pd.DataF
     except pd.errors.ParserError:
         _find_bad_row(text, pos, end, len(labels))
         raise
-    if df.shape[1] != len(labels) or df.iloc[:, -1].isna().any():
-        # Too few values on every row, or NaN in the last column: a short row that pandas padded, or a
-        # real "nan". Find the short row, if any (only on this path: it reads the rows in Python).
+    last = df.iloc[:, -1]
+    padded = last.isna().any() or (not pd.api.types.is_numeric_dtype(last) and (last == "").any())
+    if df.shape[1] != len(labels) or padded:
+        # Too few values on every row, or an empty or NaN last value: a short row that pandas padded (or
+        # a real "nan" or ""). Find the short row, if any (only on this path: it reads the rows in Python).
         _find_bad_row(text, pos, end, len(labels))
         if df.shape[1] != len(labels):
             raise _StarSyntaxError(f"rows hold {df.shape[1]} values but the loop declares {len(labels)} "
