@@ -145,10 +145,16 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, a
     psize_align = np.round(np.asarray(d["alignments3D/psize_A"], dtype=np.float64), 6) \
         if "alignments3D/psize_A" in fields else psize_blob
 
+    euler = np.full((n, 3), np.nan)
     if "alignments3D/pose" in fields:
-        euler = matrix_to_euler(rotvec_to_matrix(np.asarray(d["alignments3D/pose"], dtype=np.float64)))
-    else:
-        euler = np.full((n, 3), np.nan)
+        rotvec = np.asarray(d["alignments3D/pose"], dtype=np.float64).reshape(n, -1)
+        ok = np.isfinite(rotvec).all(axis=1) & (np.abs(rotvec).max(axis=1, initial=0) < 1e6)
+        if rotvec.shape[1] != 3:
+            raise InputError(f"alignments3D/pose holds {rotvec.shape[1]} values per particle; expected a "
+                             "rotation vector of 3", path)
+        if (~ok).any():
+            probs.append(f"{format_rows(np.flatnonzero(~ok))}: alignments3D/pose is NaN, infinite or absurd")
+        euler[ok] = matrix_to_euler(rotvec_to_matrix(rotvec[ok]))
     shift_px = np.asarray(d["alignments3D/shift"], dtype=np.float64) if "alignments3D/shift" in fields \
         else np.zeros((n, 2))
     particles = pd.DataFrame({
