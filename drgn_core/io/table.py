@@ -194,7 +194,7 @@ def read_table(path: str | os.PathLike) -> ParticleTable:
     if not path.exists():
         raise InputError("no such file (expected a canonical particle table written by drgn import or "
                          "drgn simulate)", path)
-    # read_star_blocks: pandas' C parser over each loop (3× faster than starfile at 10⁶ rows); image
+    # read_star_blocks: pandas' C parser over each loop (1.9× faster than starfile at 10⁶ rows); image
     # names, stack paths and uids stay strings; parse errors become one-line InputErrors.
     blocks = read_star_blocks(path)
     for name in ("optics", "particles"):
@@ -223,7 +223,7 @@ def write_table(table: ParticleTable, path: str | os.PathLike, **provenance) -> 
     particles = table.particles.copy()
     if "drgnUid" in particles:
         particles["drgnUid"] = particles["drgnUid"].astype(str)
-    # write_star (Arrow formatting, 6 decimals like "%.6f") is ~10x faster than starfile.write at 10⁶ rows,
+    # write_star (Arrow formatting, 6 decimals like "%.6f") is 7x faster than starfile.write at 10⁶ rows,
     # and writes atomically.
     write_star({"optics": table.optics, "particles": particles, "drgnflow": prov_df}, path)
     table.path = Path(path)
