@@ -69,18 +69,21 @@ def import_particles(path: str | os.PathLike, datadir: str | os.PathLike | None 
     if ctf is not None and Path(ctf).suffix.lower() != ".pkl":
         raise InputError("--ctf reads a cryoDRGN ctf.pkl; for CTF in a STAR or .cs, import that file "
                          "itself and give the other one's poses with --poses", ctf)
-    # Read the second files first: a refused pickle or a bad pose file stops before any stack is opened.
-    ctf_values = None
-    if ctf is not None:
-        from drgn_core.io.pickles import read_ctf_pkl
-        ctf_values = read_ctf_pkl(ctf, allow_pickle)
-    pose_src = None
-    if poses is not None:
-        from drgn_core.io.second_file import read_pose_source
-        pose_src = read_pose_source(poses, allow_pickle, apix)
     if suffix not in (".star", ".cs", ".txt"):
         raise InputError(f"unknown particle file type '{path.suffix}'; drgn import reads RELION .star, "
                          "cryoSPARC .cs and .txt stack lists", path)
+    # Read the second files first: a refused pickle or a bad pose file stops before any stack is opened.
+    ctf_values = pose_src = None
+    try:
+        if ctf is not None:
+            from drgn_core.io.pickles import read_ctf_pkl
+            ctf_values = read_ctf_pkl(ctf, allow_pickle)
+        if poses is not None:
+            from drgn_core.io.second_file import read_pose_source
+            pose_src = read_pose_source(poses, allow_pickle, apix)
+    except (ValueError, KeyError, TypeError, IndexError, OverflowError, np.linalg.LinAlgError) as e:
+        raise InputError(f"cannot read: malformed values ({type(e).__name__}: {e})",
+                         poses if pose_src is None and poses is not None else ctf) from None
     try:
         if suffix == ".star":
             from drgn_core.io.star import read_relion_star

@@ -175,3 +175,16 @@ def test_pickle_damage_gives_input_error(tmp_path_factory, data, which):
     reader = {"poses": read_poses_pkl, "ctf": read_ctf_pkl, "ind": read_index_pkl}[which]
     how = data.draw(damage(len(good)))
     check(lambda p: reader(p, allow_pickle=True), tmp_path_factory.mktemp("pkl") / f"{which}.pkl", good, how)
+
+
+# ---- a damaged second file (--poses) --------------------------------------------------------------
+@needs_fixture
+@settings(FUZZ, max_examples=20)
+@given(data=st.data(), name=st.sampled_from(["particles.cs", "particles_relion31.star"]))
+def test_damaged_poses_file_gives_input_error(tmp_path_factory, data, name):
+    from drgn_core.importing import import_particles
+
+    good = (FIXTURE / name).read_bytes()
+    how = data.draw(damage(len(good)))
+    check(lambda p: import_particles(FIXTURE / "particles_relion31.star", poses=p),
+          tmp_path_factory.mktemp("poses") / name, good, how)
