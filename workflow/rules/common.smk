@@ -91,6 +91,13 @@ def get_import_source(wildcards=None):
     return config["input"]["path"]
 
 
+def get_import_second_files(wildcards=None):
+    """The poses / CTF files given in input.poses and input.ctf (re-import when they change)."""
+    return [
+        config["input"][key] for key in ("poses", "ctf") if config["input"].get(key)
+    ]
+
+
 def get_export_source(wildcards=None):
     """The file whose rows the export subsets: the user's input, or the simulator's STAR / .cs."""
     if SIMULATED:
