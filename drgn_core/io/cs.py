@@ -1,9 +1,10 @@
 """cryoSPARC particle `.cs` files: reading into a `ParticleTable`, and writing a particle `.cs`.
 
-Both on-disk formats (a numpy structured array, sometimes with a header larger than numpy's default
-limit, and the compressed ``\\x95CSDAT`` stream) are read by cryoSPARC's own library, cryosparc-tools
-(`Dataset.load`), so we never hand-parse them; files we write are numpy-format `.cs` that the same
-library reads back (tests check that).
+The numpy format (a structured array, sometimes with a header larger than numpy's default limit) is
+read with `np.load`, pickles refused; the compressed ``\\x95CSDAT`` stream format is decoded by cryoSPARC's
+own library, cryosparc-tools, in a child process (its decoder crashes on damaged files), so we never
+hand-parse either. Files we write are numpy-format `.cs` that cryosparc-tools reads back (tests check
+that).
 
 Conversions (docs/architecture.md § Conventions):
 
@@ -27,25 +28,97 @@ import numpy as np
 import pandas as pd
 
 from drgn_core.errors import InputError, collect
+from drgn_core.io.overrides import supply_hint
 from drgn_core.io.star import format_rows, locate_stacks
 from drgn_core.io.table import OPTICS_COLUMNS, ParticleTable
 from drgn_core.pose import euler_to_matrix, matrix_to_euler, matrix_to_rotvec, rotvec_to_matrix
 
 CTF_FIELDS = ["ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast"]
+# .cs fields that a `drgn import` option can supply (drgn_core.io.overrides).
+CS_FIELD_COLUMNS = {"blob/psize_A": "rlnImagePixelSize", "ctf/accel_kv": "rlnVoltage",
+                    "ctf/cs_mm": "rlnSphericalAberration", "ctf/amp_contrast": "rlnAmplitudeContrast",
+                    "ctf/phase_shift_rad": "rlnPhaseShift"}
 NO_POSES_HINT = ("drgnflow needs consensus poses: use the particles output of a 3D refinement "
                  "(e.g. J42/J42_particles.cs or its exported particles)")
 
 
-def load_dataset(path: str | os.PathLike):
-    """cryosparc-tools `Dataset` of a `.cs` file, with a one-line error for anything unreadable."""
-    from cryosparc.dataset import Dataset
+CSDAT_MAGIC = b"\x95CSDAT"
+# Run in a child process: cryosparc-tools' stream decoder crashes the interpreter (SIGSEGV) on a truncated
+# or damaged stream-format file (found by tests/test_fuzz_readers.py), so it decodes there, into the
+# numpy format, which is then read here.
+_CSDAT_TO_NUMPY = """
+import sys
+from cryosparc.dataset import NUMPY_FORMAT, Dataset
+d = Dataset.load(sys.argv[1])
+with open(sys.argv[2], "wb") as f:
+    d.save(f, format=NUMPY_FORMAT)
+"""
+# cryoSPARC's numpy-format headers can exceed numpy's default 10 kB limit (hundreds of fields).
+_MAX_HEADER = 10_000_000
+
+
+class NumpyDataset:
+    """The read-only part of cryosparc-tools' `Dataset` interface that the readers use, over a numpy
+    structured array.
+
+    Numpy-format `.cs` files are read with `np.load` (pickles refused) rather than by cryosparc-tools:
+    its native core has been seen to corrupt memory on damaged files (a later, unrelated call then
+    crashed), while numpy validates the header and refuses what does not fit.
+    """
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def fields(self) -> list[str]:
+        return list(self.array.dtype.names or ())
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.array[name]
+
+
+def _load_numpy_cs(path: Path) -> NumpyDataset:
+    arr = np.load(path, allow_pickle=False, max_header_size=_MAX_HEADER)
+    if not isinstance(arr, np.ndarray) or arr.dtype.names is None or arr.ndim != 1:
+        raise InputError("is a numpy file but not a cryoSPARC dataset (a 1-D array of named fields)", path)
+    return NumpyDataset(arr)
+
+
+def load_dataset(path: str | os.PathLike) -> NumpyDataset:
+    """The fields of a `.cs` file (`NumpyDataset`), with a one-line error for anything unreadable.
+
+    The compressed stream format (magic ``\\x95CSDAT``) is decoded by cryosparc-tools in a child
+    process, so a damaged file that crashes the decoder gives an error instead of killing drgnflow.
+    """
+    import subprocess
+    import sys
+    import tempfile
 
     path = Path(path)
     if not path.is_file():
         raise InputError("no such file", path)
     try:
-        return Dataset.load(path)
-    except Exception as e:  # cryosparc-tools raises several kinds for truncated/foreign files
+        with open(path, "rb") as f:
+            magic = f.read(len(CSDAT_MAGIC))
+        if magic != CSDAT_MAGIC:
+            return _load_numpy_cs(path)
+        with tempfile.TemporaryDirectory(prefix="drgn-cs-") as tmp:
+            out = Path(tmp) / "dataset.cs"
+            proc = subprocess.run([sys.executable, "-c", _CSDAT_TO_NUMPY, str(path), str(out)],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+                why = last if proc.returncode > 0 else f"the decoder crashed (signal {-proc.returncode})"
+                raise InputError(f"cannot read as a cryoSPARC .cs file (damaged or truncated stream format: "
+                                 f"{why})", path)
+            return _load_numpy_cs(out)
+    except InputError as e:
+        if e.path == str(path):
+            raise
+        raise InputError(str(e).split(": ", 1)[-1], path) from None
+    except Exception as e:  # numpy raises several kinds for truncated/foreign files
         raise InputError(f"cannot read as a cryoSPARC .cs file ({type(e).__name__}: {e})", path) from None
 
 
@@ -53,47 +126,67 @@ def _strings(values: np.ndarray) -> pd.Series:
     """A cryoSPARC string field (bytes or str) as a pandas string Series."""
     s = pd.Series(values, dtype=object)
     if len(s) and isinstance(s.iloc[0], bytes):
-        s = s.str.decode("utf-8")
+        s = s.str.decode("utf-8", errors="replace")  # a damaged path then names no file
     return s.astype("str")
 
 
 def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, apix: float | None = None,
-            problems: list[str] | None = None) -> ParticleTable:
+            problems: list[str] | None = None, overrides: dict[str, float] | None = None,
+            need_poses: bool = True, need_ctf: bool = True) -> ParticleTable:
     """Read a cryoSPARC particle `.cs` into a canonical `ParticleTable`.
 
     `datadir` is the cryoSPARC project folder that ``blob/path`` is relative to (default: the `.cs`'s
     folder); `apix` overrides the image pixel size (``blob/psize_A``). With `problems` given, problems are
     appended to it and a best-effort table returned (see `drgn_core.io.star.read_relion_star`); a file
-    without poses or blob fields cannot give a table and raises at once.
+    without blob fields (or without poses when `need_poses`) cannot give a table and raises at once.
+    `overrides`, `need_poses`, `need_ctf`: as for `drgn_core.io.star.read_relion_star` (fields named by
+    an override need not be in the file; missing pose fields become NaN for the caller to replace).
     """
     path = Path(path)
     own = problems is None
     probs: list[str] = [] if own else problems
+    over = dict(overrides or {})
+    if apix is not None:
+        over["rlnImagePixelSize"] = float(apix)
     d = load_dataset(path)
     fields = set(d.fields())
-    fatal = [f for f in ("alignments3D/pose", "blob/path", "blob/idx") if f not in fields]
+    fatal = [f for f in ("alignments3D/pose", "blob/path", "blob/idx") if f not in fields
+             and (need_poses or f != "alignments3D/pose")]
     if fatal:
         hint = NO_POSES_HINT if "alignments3D/pose" in fatal else "drgnflow needs the particle images"
         raise InputError(f"has no {', '.join(fatal)} field; {hint}", path)
-    missing_ctf = [f for f in CTF_FIELDS if f not in fields]
-    if missing_ctf:
-        probs.append(f"has no {', '.join(missing_ctf)} field; drgnflow needs CTF parameters")
+    if need_ctf:
+        for f in CTF_FIELDS:
+            col = CS_FIELD_COLUMNS.get(f)
+            if f not in fields and col not in over:
+                hint = supply_hint(col) if col else "drgnflow needs CTF parameters"
+                probs.append(f"has no {f} field; {hint}")
     n = len(d)
 
     def field(name: str, default: float | None = None) -> np.ndarray:
+        col = CS_FIELD_COLUMNS.get(name)
+        if col in over:
+            return np.full(n, over[col])
         if name in fields:
             return np.asarray(d[name], dtype=np.float64)
         return np.full(n, np.nan if default is None else default)
 
     psize_blob = np.round(field("blob/psize_A"), 6)
-    if apix is not None:
-        psize_blob = np.full(n, float(apix))
-    elif "blob/psize_A" not in fields:
+    if "blob/psize_A" not in fields and "rlnImagePixelSize" not in over:
         probs.append("has no blob/psize_A field; give the pixel size with --apix")
-    psize_align = np.round(field("alignments3D/psize_A"), 6) if "alignments3D/psize_A" in fields \
-        else psize_blob
+    psize_align = np.round(np.asarray(d["alignments3D/psize_A"], dtype=np.float64), 6) \
+        if "alignments3D/psize_A" in fields else psize_blob
 
-    euler = matrix_to_euler(rotvec_to_matrix(np.asarray(d["alignments3D/pose"], dtype=np.float64)))
+    euler = np.full((n, 3), np.nan)
+    if "alignments3D/pose" in fields:
+        rotvec = np.asarray(d["alignments3D/pose"], dtype=np.float64).reshape(n, -1)
+        ok = np.isfinite(rotvec).all(axis=1) & (np.abs(rotvec).max(axis=1, initial=0) < 1e6)
+        if rotvec.shape[1] != 3:
+            raise InputError(f"alignments3D/pose holds {rotvec.shape[1]} values per particle; expected a "
+                             "rotation vector of 3", path)
+        if (~ok).any():
+            probs.append(f"{format_rows(np.flatnonzero(~ok))}: alignments3D/pose is NaN, infinite or absurd")
+        euler[ok] = matrix_to_euler(rotvec_to_matrix(rotvec[ok]))
     shift_px = np.asarray(d["alignments3D/shift"], dtype=np.float64) if "alignments3D/shift" in fields \
         else np.zeros((n, 2))
     particles = pd.DataFrame({
@@ -101,7 +194,8 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, a
         "rlnOriginXAngst": shift_px[:, 0] * psize_align, "rlnOriginYAngst": shift_px[:, 1] * psize_align,
         "rlnDefocusU": field("ctf/df1_A"), "rlnDefocusV": field("ctf/df2_A"),
         "rlnDefocusAngle": np.rad2deg(field("ctf/df_angle_rad")),
-        "rlnPhaseShift": np.rad2deg(field("ctf/phase_shift_rad", 0.0)),
+        "rlnPhaseShift": (np.full(n, over["rlnPhaseShift"]) if "rlnPhaseShift" in over  # degrees
+                          else np.rad2deg(field("ctf/phase_shift_rad", 0.0))),
         "rlnCtfBfactor": field("ctf/bfactor", 0.0),
     })
     if "alignments3D/split" in fields:

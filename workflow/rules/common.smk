@@ -106,6 +106,13 @@ def get_import_source(wildcards=None):
     return config["input"]["path"]
 
 
+def get_import_second_files(wildcards=None):
+    """The poses / CTF files given in input.poses and input.ctf (re-import when they change)."""
+    return [
+        config["input"][key] for key in ("poses", "ctf") if config["input"].get(key)
+    ]
+
+
 def get_export_source(wildcards=None):
     """The file whose rows the export subsets: the user's input, or the simulator's STAR / .cs."""
     if SIMULATED:
@@ -123,6 +130,14 @@ def get_import_options():
         opts.append(f"--apix {inp['apix']}")
     if inp["box"] is not None:
         opts.append(f"--box {inp['box']}")
+    for key in ("kv", "cs", "amp_contrast", "phase_shift"):
+        if inp.get(key) is not None:
+            opts.append(f"--{key.replace('_', '-')} {inp[key]}")
+    for key in ("poses", "ctf"):
+        if inp.get(key):
+            opts.append(f"--{key} {shlex.quote(inp[key])}")
+    if inp.get("allow_pickle"):
+        opts.append("--allow-pickle")
     if inp["invert"]:
         opts.append("--invert")
     return " ".join(opts)

@@ -37,6 +37,7 @@ else:
     rule import_particles:
         input:
             source=get_import_source,
+            second=get_import_second_files,
         output:
             table=TABLE,
         log:
