@@ -27,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from drgn_core.errors import DrgnError
@@ -60,7 +60,6 @@ class FetchOptions:
     progress: bool = True
     verify_existing: bool = True
     repair: bool = False
-    log: object = field(default=sys.stderr)
 
 
 class _Transient(Exception):
@@ -195,16 +194,22 @@ class Partial:
     def write(self, i: int, offset: int, data: bytes) -> None:
         """Write data at offset (inside chunk i), then advance the chunk's counter: data first, counter
         second, so the index never claims bytes that a kill could have lost."""
-        try:
-            os.pwrite(self.fd, data, offset)
-        except OSError as e:
-            if e.errno in DISK_FULL:
-                raise DrgnError(f"{self.part}: disk full while writing {self.remote.rel} "
-                                f"({os.strerror(e.errno)}); free some space and run again: the partial data "
-                                "is kept and resumes") from None
-            raise DrgnError(f"{self.part}: cannot write ({e.strerror})") from None
-        self.done[i] = offset + len(data) - i * self.chunk
-        os.pwrite(self.idx_fd, struct.pack("<Q", self.done[i]), IDX_HEADER + 8 * i)
+        view = memoryview(data)
+        while view:
+            try:
+                # A write can be short (a disk filling up): count only what landed, then retry the rest,
+                # which raises the error.
+                n = os.pwrite(self.fd, view, offset)
+            except OSError as e:
+                if e.errno in DISK_FULL:
+                    raise DrgnError(f"{self.part}: disk full while writing {self.remote.rel} "
+                                    f"({os.strerror(e.errno)}); free some space and run again: the partial "
+                                    "data is kept and resumes") from None
+                raise DrgnError(f"{self.part}: cannot write ({e.strerror})") from None
+            offset += n
+            view = view[n:]
+            self.done[i] = offset - i * self.chunk
+            os.pwrite(self.idx_fd, struct.pack("<Q", self.done[i]), IDX_HEADER + 8 * i)
 
     def close(self) -> None:
         # Closed once only: a second os.close could hit a descriptor number reused by another file.
@@ -370,7 +375,7 @@ def fetch_files(files: list[RemoteFile], outdir: str | os.PathLike, opts: FetchO
                             + ("; ..." if len(problems) > 5 else "")
                             + " (run with --repair to fetch them again)")
         for f, why in problems:
-            print(f"drgn fetch: {why}; fetching it again", file=opts.log)
+            print(f"drgn fetch: {why}; fetching it again", file=sys.stderr)
             (outdir / f.rel).unlink()
             manifest.files.pop(f.rel, None)
             f.size = None
@@ -387,7 +392,7 @@ def fetch_files(files: list[RemoteFile], outdir: str | os.PathLike, opts: FetchO
             p = Partial(outdir / f.rel, f, opts.chunk_size)
             if p.restarted:
                 print(f"drgn fetch: {p.part}: the server's file changed since the partial copy was started; "
-                      "fetching it afresh", file=opts.log)
+                      "fetching it afresh", file=sys.stderr)
             parts.append(p)
         need = sum(p.size - p.bytes_done for p in parts)
         free = shutil.disk_usage(outdir).free

@@ -8,6 +8,7 @@ listing and show it in the next), then asked of the server directly, and only th
 from __future__ import annotations
 
 import os
+import sys
 import urllib.parse
 
 from drgn_core.errors import DrgnError
@@ -22,7 +23,7 @@ def plan_entry(accession: str, include: list[str], api_base: str, data_base: str
     """The entry's metadata and the files to fetch (relative paths as on the server, e.g. data/x.mrcs)."""
     entry = api.fetch_entry(accession, api_base, timeout=opts.timeout)
     for w in entry.warnings:
-        print(f"drgn fetch: {entry.accession}: API {w}", file=opts.log)
+        print(f"drgn fetch: {entry.accession}: API {w}", file=sys.stderr)
     root = f"{data_base.rstrip('/')}/{entry.number}/"
     patterns = [p.strip("/") for p in include]
     paths = set(listing.walk(root, patterns, timeout=opts.timeout))
@@ -52,7 +53,7 @@ def _find_omitted(root: str, rel: str, opts: FetchOptions) -> set[str]:
         raise DrgnError(f"{url}: named by --include but missing from the listing of {root + folder} and not "
                         "served either") from None
     print(f"drgn fetch: {url}: missing from the listing of {root + folder} but served; fetching it",
-          file=opts.log)
+          file=sys.stderr)
     return {rel}
 
 
