@@ -63,6 +63,9 @@ class FakeEmpiar:
 
 class _Handler(BaseHTTPRequestHandler):
     app: FakeEmpiar
+    # Without TCP_NODELAY, Nagle's algorithm and the client's delayed ACK add ~40 ms to every response
+    # (headers and body go out as separate writes): an artefact no real server shows.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args) -> None:  # quiet
         pass
@@ -127,8 +130,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._plain(404, "Not Found", "text/html")
             return
         key = rel.strip("/")
-        data = target.read_bytes()
-        size = len(data)
+        size = target.stat().st_size
         start, end = 0, size
         rng = self.headers.get("Range")
         partial = False
@@ -143,7 +145,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
             partial = True
-        body = data[start:end]
+        with open(target, "rb") as f:  # only the range: the bench serves a 24 MB file in 1/4 MB pieces
+            f.seek(start)
+            body = f.read(end - start)
         claimed = len(body)
         drop_at = None
         with app._lock:
@@ -224,3 +228,19 @@ def api_body(number: str, *, status: str = "REL", n_images: int | str = "1000") 
                        "voxel_type": "32 BIT FLOAT", "pixel_width": "1.31", "pixel_height": 1.31,
                        "image_width": "64", "image_height": "64", "details": ""}],
     }
+
+
+def _serve_main() -> None:
+    """`python tests/empiar_server.py ROOT [RATE]`: serve ROOT in a process of its own (the bench uses it,
+    so the server's threads do not share the client's interpreter lock); prints the port, stops when
+    stdin closes or after ten minutes."""
+    import sys
+
+    rate = float(sys.argv[2]) if len(sys.argv) > 2 else None
+    with FakeEmpiar(sys.argv[1], {}, rate=rate, lifetime=600) as srv:
+        print(srv.port, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    _serve_main()
