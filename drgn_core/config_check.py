@@ -196,6 +196,14 @@ def cross_field_problems(config: dict, check_files: bool = True, base: Path | No
             p.append(f"key 'input.path': input.mode {mode} expects a {suffix} file, found {inp['path']!r}")
         elif check_files and not (base / inp["path"]).is_file():
             p.append(f"key 'input.path': file {inp['path']} does not exist")
+    for key in ("poses", "ctf"):
+        f = inp.get(key, "")
+        if f and mode == "simulate":
+            p.append(f"key 'input.{key}': must be empty with input.mode simulate (found {f!r})")
+        elif f and f.endswith(".pkl") and not inp.get("allow_pickle"):
+            p.append(f"key 'input.{key}': {f} is a cryoDRGN pickle; set input.allow_pickle: true to read it")
+        elif f and check_files and not (base / f).is_file():
+            p.append(f"key 'input.{key}': file {f} does not exist")
     if check_files and inp["datadir"] and not (base / inp["datadir"]).is_dir():
         p.append(f"key 'input.datadir': folder {inp['datadir']} does not exist")
 

@@ -16,23 +16,37 @@ import numpy as np
 import pandas as pd
 
 from drgn_core.errors import InputError, collect
+from drgn_core.io.overrides import OVERRIDE_OPTIONS, supply_hint
 from drgn_core.io.star import format_rows
 from drgn_core.io.table import CTF_PARTICLE_COLUMNS, POSE_COLUMNS, SHIFT_COLUMNS, ParticleTable
 
-FORMAT_NAMES = {"star30": "RELION 3.0 STAR", "star31": "RELION 3.1+ STAR", "cs": "cryoSPARC .cs"}
+FORMAT_NAMES = {"star30": "RELION 3.0 STAR", "star31": "RELION 3.1+ STAR", "cs": "cryoSPARC .cs",
+                "txt": "stack list"}
 
 
 def import_particles(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
                      apix: float | None = None, box: int | None = None, invert: bool = False,
-                     check_nan: bool = False) -> ParticleTable:
-    """Read a `.star` or `.cs` particle file into a validated canonical `ParticleTable`.
+                     check_nan: bool = False, kv: float | None = None, cs: float | None = None,
+                     amp_contrast: float | None = None, phase_shift: float | None = None,
+                     poses: str | os.PathLike | None = None, ctf: str | os.PathLike | None = None,
+                     allow_pickle: bool = False) -> ParticleTable:
+    """Read a `.star`, `.cs` or `.txt` stack list into a validated canonical `ParticleTable`.
 
-    `datadir`: folder that stack paths are relative to (default: the input's folder); `apix`: pixel size
-    of the particle images, overriding the file; `box`: expected box size, checked against the stacks;
+    `poses`: a second file (`.cs`, RELION `.star`, cryoDRGN ``poses.pkl``) whose poses replace the
+    table's; `ctf`: a cryoDRGN ``ctf.pkl`` whose CTF and optics replace the table's (see
+    `drgn_core.io.second_file`); `allow_pickle`: read cryoDRGN pickles (restricted unpickler). A `.txt`
+    stack list holds images only, so it needs both.
+
+    `datadir`: folder that stack paths are relative to (default: the input's folder); `apix`, `kv`, `cs`,
+    `amp_contrast`, `phase_shift`: values that replace (or supply, where the file lacks them) the pixel
+    size of the particle images (Å), the voltage (kV), Cs (mm), amplitude contrast and phase shift (°);
+    `box`: expected box size, checked against the stacks;
     `invert`: flip the contrast (for stacks with dark particles that the metadata does not mark);
     `check_nan`: also scan every image for NaN/Inf pixels (reads all images).
     Raises one `InputError` listing every problem found.
     """
+    from drgn_core.io.overrides import check_overrides, make_overrides
+
     path = Path(path)
     if not path.exists():
         raise InputError("no such file", path)
@@ -40,19 +54,46 @@ def import_particles(path: str | os.PathLike, datadir: str | os.PathLike | None 
         raise InputError("is a folder; give the particle .star or .cs file", path)
     if datadir is not None and not Path(datadir).is_dir():
         raise InputError("is not a folder (--datadir)", datadir)
-    if apix is not None and not (np.isfinite(apix) and apix > 0):
-        raise InputError(f"--apix must be a positive number of Å/px, got {apix}", path)
+    overrides = make_overrides(apix, kv, cs, amp_contrast, phase_shift)
+    bad = check_overrides(overrides)
+    if bad:
+        raise InputError("; ".join(bad), path)
     problems: list[str] = []
     suffix = path.suffix.lower()
+    need_poses, need_ctf = poses is None, ctf is None
+    if suffix == ".txt" and (need_poses or need_ctf):
+        what = " and ".join(w for w, need in (("the poses with --poses", need_poses),
+                                              ("the CTF with --ctf", need_ctf)) if need)
+        raise InputError(f"is a stack list, which holds images only: give {what} (e.g. cryoDRGN's poses.pkl "
+                         "and ctf.pkl, with --allow-pickle)", path)
+    if ctf is not None and Path(ctf).suffix.lower() != ".pkl":
+        raise InputError("--ctf reads a cryoDRGN ctf.pkl; for CTF in a STAR or .cs, import that file "
+                         "itself and give the other one's poses with --poses", ctf)
+    # Read the second files first: a refused pickle or a bad pose file stops before any stack is opened.
+    ctf_values = None
+    if ctf is not None:
+        from drgn_core.io.pickles import read_ctf_pkl
+        ctf_values = read_ctf_pkl(ctf, allow_pickle)
+    pose_src = None
+    if poses is not None:
+        from drgn_core.io.second_file import read_pose_source
+        pose_src = read_pose_source(poses, allow_pickle, apix)
     if suffix == ".star":
         from drgn_core.io.star import read_relion_star
-        table = read_relion_star(path, datadir, apix, problems)
+        table = read_relion_star(path, datadir, None, problems, overrides=overrides, need_poses=need_poses,
+                                 need_ctf=need_ctf)
     elif suffix == ".cs":
         from drgn_core.io.cs import read_cs
-        table = read_cs(path, datadir, apix, problems)
+        table = read_cs(path, datadir, None, problems, overrides=overrides, need_poses=need_poses,
+                        need_ctf=need_ctf)
+    elif suffix == ".txt":
+        from drgn_core.io.second_file import table_from_stacklist
+        table = table_from_stacklist(path)
     else:
-        raise InputError(f"unknown particle file type '{path.suffix}'; drgn import reads RELION .star and "
-                         "cryoSPARC .cs files", path)
+        raise InputError(f"unknown particle file type '{path.suffix}'; drgn import reads RELION .star, "
+                         "cryoSPARC .cs and .txt stack lists", path)
+    if ctf_values is not None or pose_src is not None:
+        _apply_second_files(table, path, ctf, ctf_values, pose_src, overrides, problems)
     validate_table(table, problems, box=box)
     collect(problems, path)
     if invert:
@@ -61,8 +102,29 @@ def import_particles(path: str | os.PathLike, datadir: str | os.PathLike | None 
         collect(find_nonfinite_images(table), path)
     table.provenance.update({"datadir": str(Path(datadir).absolute()) if datadir is not None else "",
                              "invert": str(bool(invert)).lower(),
-                             "apix_override": "" if apix is None else f"{apix:g}"})
+                             **{f"override_{opt.lstrip('-').replace('-', '_')}": f"{overrides[c]:g}"
+                                for c, opt in OVERRIDE_OPTIONS.items() if c in overrides}})
     return table
+
+
+def _apply_second_files(table: ParticleTable, path: Path, ctf_path, ctf_values, pose_src, overrides: dict,
+                        problems: list[str]) -> None:
+    """Put the CTF of a ctf.pkl and the poses of a second file into `table` (rows checked and matched)."""
+    from drgn_core.io.second_file import apply_ctf_pkl, apply_poses, match_rows, stack_box
+
+    box = stack_box(table)
+    if ctf_values is not None:
+        apply_ctf_pkl(table, ctf_values, Path(ctf_path), overrides, box)
+        table.provenance["ctf_source"] = str(Path(ctf_path).absolute())
+    if pose_src is not None:
+        order, how = match_rows(table, pose_src, path)
+        px = table.optics["rlnImagePixelSize"].to_numpy(dtype=np.float64)
+        if pose_src.fraction and (box is None or not np.isfinite(px).all()):
+            problems.append("cannot convert the poses.pkl translations (a fraction of the box) to Å without "
+                            "the box and the pixel size")
+            return
+        apply_poses(table, pose_src, order, box or 0, float(px[0]) if len(px) else 0.0)
+        table.provenance.update({"poses_source": str(pose_src.path.absolute()), "poses_matched_by": how})
 
 
 def _stack_refs(table: ParticleTable) -> pd.Series:
@@ -150,12 +212,14 @@ def _check_values(table: ParticleTable, problems: list[str]) -> None:
     def label(c: str) -> str:
         return _CS_NAMES.get(c, c) if is_cs else c
 
-    for c in [*POSE_COLUMNS, *SHIFT_COLUMNS, *CTF_PARTICLE_COLUMNS, "rlnPhaseShift"]:
+    px = o["rlnImagePixelSize"].to_numpy(dtype=np.float64)
+    # Origins in pixels cannot become Å without a pixel size; the reader already said it is missing.
+    shifts = SHIFT_COLUMNS if not np.isnan(px).all() else []
+    for c in [*POSE_COLUMNS, *shifts, *CTF_PARTICLE_COLUMNS, "rlnPhaseShift"]:
         if c in p and pd.api.types.is_numeric_dtype(p[c]):
             bad = np.flatnonzero(~np.isfinite(p[c].to_numpy(dtype=np.float64)))
             if len(bad):
                 problems.append(f"{format_rows(bad)}: {label(c)} is NaN or infinite")
-    px = o["rlnImagePixelSize"].to_numpy(dtype=np.float64)
     if not np.isnan(px).all():  # all-NaN: the reader already said the pixel size is missing
         if not (np.isfinite(px) & (px > 0)).all():
             problems.append(f"pixel size {px.tolist()} Å is not a positive number")
@@ -169,10 +233,15 @@ def _check_values(table: ParticleTable, problems: list[str]) -> None:
     for c, ok, what in checks:
         if c in o and pd.api.types.is_numeric_dtype(o[c]):
             v = o[c].to_numpy(dtype=np.float64)
+            if np.isnan(v).all():
+                continue  # a missing column: the reader said so, naming the option that supplies it
             with np.errstate(invalid="ignore"):
                 bad = ~(np.isfinite(v) & ok(v))
             for g, val in zip(o["rlnOpticsGroup"][bad], v[bad]):
-                problems.append(f"optics group {g}: {label(c)} is {val:g}; {what}")
+                if np.isnan(val):
+                    problems.append(f"optics group {g}: {label(c)} has no value; {supply_hint(c)}")
+                else:
+                    problems.append(f"optics group {g}: {label(c)} is {val:g}; {what}")
 
 
 _CS_NAMES = {"rlnAngleRot": "alignments3D/pose", "rlnAngleTilt": "alignments3D/pose",
@@ -217,6 +286,12 @@ def summary(table: ParticleTable, source: str | os.PathLike) -> str:
                 else "contrast inverted for all images" if (signs < 0).all()
                 else f"contrast inverted for {(signs < 0).sum()} images")
     fmt = FORMAT_NAMES.get(table.provenance.get("source_format", ""), "particle file")
+    second = ""
+    if table.provenance.get("poses_source"):
+        second += (f" Poses from {table.provenance['poses_source']}, rows matched by "
+                   f"{table.provenance['poses_matched_by']}.")
+    if table.provenance.get("ctf_source"):
+        second += f" CTF from {table.provenance['ctf_source']}, rows matched by order."
     return (f"Imported {len(table)} particles from {source} ({fmt}): box {table.box} px at "
             f"{table.apix:g} Å/px, {len(o)} optics group{'s' if len(o) != 1 else ''} ({groups}), "
-            f"{n_stacks} stack{'s' if n_stacks != 1 else ''}; {contrast}.")
+            f"{n_stacks} stack{'s' if n_stacks != 1 else ''}; {contrast}.{second}")

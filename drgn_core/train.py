@@ -141,11 +141,11 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
-def load_rows(ind_path: str | os.PathLike | None, n_table: int) -> np.ndarray:
+def load_rows(ind_path: str | os.PathLike | None, n_table: int, allow_pickle: bool = False) -> np.ndarray:
     """Sorted canonical table rows to train on: all rows, or those listed in an index file (no repeats)."""
     if ind_path is None:
         return np.arange(n_table, dtype=np.int64)
-    return np.sort(read_index_file(ind_path, n_table))
+    return np.sort(read_index_file(ind_path, n_table, allow_pickle=allow_pickle))
 
 
 def split_validation(n: int, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -334,8 +334,10 @@ def restore_checkpoint(path: Path, model: HetVAE, opt: torch.optim.Optimizer,
 def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: str | os.PathLike,
           model_opts: dict | None = None, train_opts: dict | None = None,
           ind_path: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
-          auto_resume: bool = False) -> Path:
+          auto_resume: bool = False, allow_pickle: bool = False) -> Path:
     """Train (or resume) a run in `outdir`; returns its path.
+
+    `allow_pickle` admits a cryoDRGN index pickle as `ind_path` (drgn_core.io.indices.read_index_file).
 
     `model_opts` (keys of ModelConfig such as zdim, enc_dim, pe_type) and `train_opts` (keys of
     TrainConfig) hold the options the caller set; the rest take their defaults, or on resume the run's
@@ -364,7 +366,7 @@ def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: 
     # ---- inputs
     table = read_table(table_path)
     source = open_particles(stack_path, table)
-    rows = load_rows(ind_path, len(table))
+    rows = load_rows(ind_path, len(table), allow_pickle)
     if stored is not None:
         _check_same_inputs(stored["inputs"], table_path, stack_path, ind_path)
     train_pos, val_pos = split_validation(len(rows), tcfg.val_frac, tcfg.seed)

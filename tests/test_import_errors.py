@@ -150,12 +150,13 @@ def test_relion30_without_pixel_size_needs_apix(tmp_path, capsys):
     assert main(["import", str(star), "-o", str(tmp_path / "ok.star"), "--apix", "1.5"]) == 0
 
 
-@pytest.mark.parametrize("name", ["particles.txt", "particles.mrcs"])
+@pytest.mark.parametrize("name", ["particles.mrcs", "particles.csv"])
 def test_unknown_file_type(tmp_path, capsys, name):
     inp = tmp_path / name
     inp.write_text("x\n")
     msg = run_import(capsys, inp, tmp_path / "t.star")
-    assert msg.startswith("unknown particle file type")
+    assert msg == (f"unknown particle file type '{inp.suffix}'; drgn import reads RELION .star, "
+                   "cryoSPARC .cs and .txt stack lists")
 
 
 def test_box_option_checked(tmp_path, capsys):

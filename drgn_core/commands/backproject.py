@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="particles.D.mrcs from drgn downsample (default: the original images)")
     parser.add_argument("-o", "--outdir", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--ind", metavar="idx.npy", help="only these canonical rows (.npy or .txt)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read a cryoDRGN index pickle (*.ind.pkl) as --ind (restricted unpickler)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random half split (default 0)")
     parser.add_argument("--lowpass", type=float, metavar="A", help="low-pass map.mrc at this resolution (Å)")
     parser.add_argument("--interpolation", choices=["trilinear", "nearest"], default="trilinear",
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_overwrite_input([out / n for n in names], [args.table, args.stack, args.ind])
 
     table = read_table(args.table)
-    indices = read_index_file(args.ind, len(table)) if args.ind else None
+    indices = read_index_file(args.ind, len(table), allow_pickle=args.allow_pickle) if args.ind else None
     if args.lowpass is not None:
         from drgn_core.io.stack import open_stack
 

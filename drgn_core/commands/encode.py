@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("stack", help="particle stack whose row i is table row i, at the model's box size")
     p.add_argument("-o", "--out", required=True, help="output .npy of posterior means (N × zdim)")
     p.add_argument("--ind", help="index file (.npy or .txt) of table rows to encode (default: all)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read a cryoDRGN index pickle (*.ind.pkl) as --ind (restricted unpickler)")
     p.add_argument("--logvar-out", help="also write the posterior log-variances here")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -64,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     if args.ind is None:
         rows = np.arange(len(table))
     else:  # repeated rows are allowed here: the latents come out in the order asked
-        rows = read_index_file(args.ind, len(table), allow_duplicates=True)
+        rows = read_index_file(args.ind, len(table), allow_duplicates=True,
+                               allow_pickle=args.allow_pickle)
     order = np.argsort(rows, kind="stable")  # read the stack in row order, write in the order asked
     # one pass over the data: stream chunks rather than preparing everything first
     data = ParticleData(source, table, rows[order], model.lattice, cfg.norm_scale, device, mode="stream")

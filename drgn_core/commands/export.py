@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("table", metavar="TABLE", help="canonical particle table (drgn import/simulate)")
     parser.add_argument("--ind", required=True, metavar="keep.npy",
                         help="rows to export: .npy or .txt of 0-based canonical table rows")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read a cryoDRGN index pickle (*.ind.pkl) as --ind (restricted unpickler)")
     parser.add_argument("-o", "--outdir", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--source", metavar="ORIGINAL.star|.cs",
                         help="the user's original STAR or .cs (default: the table's recorded source)")
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.level_percentile < 100:
         raise InputError(f"--level-percentile must lie between 0 and 100, got {args.level_percentile}")
     table = read_table(args.table)
-    indices = read_index_file(args.ind, len(table))
+    indices = read_index_file(args.ind, len(table), allow_pickle=args.allow_pickle)
     name = args.name or Path(args.ind).stem
     summary_path = Path(args.outdir) / "export.json"
     refuse_overwrite_input([summary_path], [args.table, args.ind, args.source])

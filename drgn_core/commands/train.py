@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("stack", help="particle stack whose row i is table row i (drgn downsample)")
     p.add_argument("-o", "--outdir", required=True, help="run directory to write")
     p.add_argument("--ind", help="index file (.npy or .txt) of table rows to train on (default: all)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read a cryoDRGN index pickle (*.ind.pkl) as --ind (restricted unpickler)")
     p.add_argument("--resume", action="store_true", help="continue the run in --outdir from its checkpoint")
     p.add_argument("--auto-resume", action="store_true",
                    help="continue from --outdir's checkpoint when it holds one of this same run (same "
@@ -111,6 +113,6 @@ def run(args: argparse.Namespace) -> int:
     _validate({**model_opts, **train_opts})
     refuse_overwrite_input([args.outdir], [args.table, args.stack, args.ind])
     run_dir = train(args.table, args.stack, args.outdir, model_opts, train_opts, ind_path=args.ind,
-                    resume=args.resume, auto_resume=args.auto_resume)
+                    resume=args.resume, auto_resume=args.auto_resume, allow_pickle=args.allow_pickle)
     print(f"trained model written to {run_dir}/model.pt; latents in {run_dir}/z.npy")
     return 0

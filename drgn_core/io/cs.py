@@ -27,11 +27,16 @@ import numpy as np
 import pandas as pd
 
 from drgn_core.errors import InputError, collect
+from drgn_core.io.overrides import supply_hint
 from drgn_core.io.star import format_rows, locate_stacks
 from drgn_core.io.table import OPTICS_COLUMNS, ParticleTable
 from drgn_core.pose import euler_to_matrix, matrix_to_euler, matrix_to_rotvec, rotvec_to_matrix
 
 CTF_FIELDS = ["ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast"]
+# .cs fields that a `drgn import` option can supply (drgn_core.io.overrides).
+CS_FIELD_COLUMNS = {"blob/psize_A": "rlnImagePixelSize", "ctf/accel_kv": "rlnVoltage",
+                    "ctf/cs_mm": "rlnSphericalAberration", "ctf/amp_contrast": "rlnAmplitudeContrast",
+                    "ctf/phase_shift_rad": "rlnPhaseShift"}
 NO_POSES_HINT = ("drgnflow needs consensus poses: use the particles output of a 3D refinement "
                  "(e.g. J42/J42_particles.cs or its exported particles)")
 
@@ -58,42 +63,56 @@ def _strings(values: np.ndarray) -> pd.Series:
 
 
 def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, apix: float | None = None,
-            problems: list[str] | None = None) -> ParticleTable:
+            problems: list[str] | None = None, overrides: dict[str, float] | None = None,
+            need_poses: bool = True, need_ctf: bool = True) -> ParticleTable:
     """Read a cryoSPARC particle `.cs` into a canonical `ParticleTable`.
 
     `datadir` is the cryoSPARC project folder that ``blob/path`` is relative to (default: the `.cs`'s
     folder); `apix` overrides the image pixel size (``blob/psize_A``). With `problems` given, problems are
     appended to it and a best-effort table returned (see `drgn_core.io.star.read_relion_star`); a file
-    without poses or blob fields cannot give a table and raises at once.
+    without blob fields (or without poses when `need_poses`) cannot give a table and raises at once.
+    `overrides`, `need_poses`, `need_ctf`: as for `drgn_core.io.star.read_relion_star` (fields named by
+    an override need not be in the file; missing pose fields become NaN for the caller to replace).
     """
     path = Path(path)
     own = problems is None
     probs: list[str] = [] if own else problems
+    over = dict(overrides or {})
+    if apix is not None:
+        over["rlnImagePixelSize"] = float(apix)
     d = load_dataset(path)
     fields = set(d.fields())
-    fatal = [f for f in ("alignments3D/pose", "blob/path", "blob/idx") if f not in fields]
+    fatal = [f for f in ("alignments3D/pose", "blob/path", "blob/idx") if f not in fields
+             and (need_poses or f != "alignments3D/pose")]
     if fatal:
         hint = NO_POSES_HINT if "alignments3D/pose" in fatal else "drgnflow needs the particle images"
         raise InputError(f"has no {', '.join(fatal)} field; {hint}", path)
-    missing_ctf = [f for f in CTF_FIELDS if f not in fields]
-    if missing_ctf:
-        probs.append(f"has no {', '.join(missing_ctf)} field; drgnflow needs CTF parameters")
+    if need_ctf:
+        for f in CTF_FIELDS:
+            col = CS_FIELD_COLUMNS.get(f)
+            if f not in fields and col not in over:
+                hint = supply_hint(col) if col else "drgnflow needs CTF parameters"
+                probs.append(f"has no {f} field; {hint}")
     n = len(d)
 
     def field(name: str, default: float | None = None) -> np.ndarray:
+        col = CS_FIELD_COLUMNS.get(name)
+        if col in over:
+            return np.full(n, over[col])
         if name in fields:
             return np.asarray(d[name], dtype=np.float64)
         return np.full(n, np.nan if default is None else default)
 
     psize_blob = np.round(field("blob/psize_A"), 6)
-    if apix is not None:
-        psize_blob = np.full(n, float(apix))
-    elif "blob/psize_A" not in fields:
+    if "blob/psize_A" not in fields and "rlnImagePixelSize" not in over:
         probs.append("has no blob/psize_A field; give the pixel size with --apix")
-    psize_align = np.round(field("alignments3D/psize_A"), 6) if "alignments3D/psize_A" in fields \
-        else psize_blob
+    psize_align = np.round(np.asarray(d["alignments3D/psize_A"], dtype=np.float64), 6) \
+        if "alignments3D/psize_A" in fields else psize_blob
 
-    euler = matrix_to_euler(rotvec_to_matrix(np.asarray(d["alignments3D/pose"], dtype=np.float64)))
+    if "alignments3D/pose" in fields:
+        euler = matrix_to_euler(rotvec_to_matrix(np.asarray(d["alignments3D/pose"], dtype=np.float64)))
+    else:
+        euler = np.full((n, 3), np.nan)
     shift_px = np.asarray(d["alignments3D/shift"], dtype=np.float64) if "alignments3D/shift" in fields \
         else np.zeros((n, 2))
     particles = pd.DataFrame({
@@ -101,7 +120,8 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, a
         "rlnOriginXAngst": shift_px[:, 0] * psize_align, "rlnOriginYAngst": shift_px[:, 1] * psize_align,
         "rlnDefocusU": field("ctf/df1_A"), "rlnDefocusV": field("ctf/df2_A"),
         "rlnDefocusAngle": np.rad2deg(field("ctf/df_angle_rad")),
-        "rlnPhaseShift": np.rad2deg(field("ctf/phase_shift_rad", 0.0)),
+        "rlnPhaseShift": (np.full(n, over["rlnPhaseShift"]) if "rlnPhaseShift" in over  # degrees
+                          else np.rad2deg(field("ctf/phase_shift_rad", 0.0))),
         "rlnCtfBfactor": field("ctf/bfactor", 0.0),
     })
     if "alignments3D/split" in fields:

@@ -19,17 +19,23 @@ from drgn_core.io.atomic import atomic_path
 
 
 def read_index_file(path: str | os.PathLike, n_rows: int | None = None,
-                    allow_duplicates: bool = False) -> np.ndarray:
+                    allow_duplicates: bool = False, allow_pickle: bool = False) -> np.ndarray:
     """Read an index file (.npy of integers, or a .txt of integers) of 0-based canonical table rows.
 
     Refuses anything that is not a non-empty 1-D set of distinct integers within [0, n_rows): floats,
     booleans, pickled objects, duplicates and out-of-range rows each get a one-line message naming the file.
     `allow_duplicates` is for readers where a repeated row has a meaning (encoding rows in a given order).
+    `allow_pickle` admits cryoDRGN's ``*.pkl`` index files (an int array or a list of numpy ints, maybe
+    unsorted), read by `drgn_core.io.pickles.read_index_pkl`'s restricted unpickler; the order is kept.
     """
     path = Path(path)
     if not path.exists():
         raise InputError("no such index file", path)
-    if path.suffix == ".npy":
+    if path.suffix == ".pkl":
+        from drgn_core.io.pickles import read_index_pkl
+
+        arr = read_index_pkl(path, allow_pickle)
+    elif path.suffix == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
         except ValueError as e:

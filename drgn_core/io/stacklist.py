@@ -4,7 +4,8 @@ RELION and cryoSPARC record stack paths relative to their *project* folder, whic
 STAR or `.cs` file sits in, and users move projects around. The rule here, the same for every format:
 
 1. absolute paths are used as they are (or, when missing, as ``datadir/basename``);
-2. with ``datadir``: ``datadir/path``, then ``datadir/basename`` (a flat folder of stacks);
+2. with ``datadir``: ``datadir/path``, then ``datadir/basename`` (a flat folder of stacks), then for a
+   cryoSPARC-imported name ``<digits>_original.mrcs`` ``datadir/original.mrcs`` (by the user's file name);
 3. ``base/path``, where base is the folder of the metadata file.
 
 The first candidate that exists wins. Each distinct path is resolved once (a million-particle STAR names a
@@ -17,12 +18,15 @@ concatenation of its stacks; `read_stacklist` turns it into per-particle (stack,
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from drgn_core.errors import InputError, collect
+
+_IMPORTED_NAME = re.compile(r"\d{6,}_(.+)")
 
 
 def candidate_paths(ref: str, base: Path, datadir: Path | None) -> list[Path]:
@@ -34,6 +38,11 @@ def candidate_paths(ref: str, base: Path, datadir: Path | None) -> list[Path]:
     out: list[Path] = []
     if datadir is not None:
         out += [datadir / p, datadir / name]
+        # cryoSPARC's import jobs store stacks as J1/imported/<long number>_<original name>: a .cs from
+        # the authors' project names those; the user's copy carries the original name.
+        m = _IMPORTED_NAME.fullmatch(name.name)
+        if m:
+            out.append(datadir / m.group(1))
     out.append(base / p)
     # Deduplicate while keeping order (datadir may equal base, ref may be a bare name).
     seen: set[str] = set()

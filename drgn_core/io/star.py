@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from drgn_core.errors import InputError, collect
+from drgn_core.io.overrides import OPTICS_OVERRIDES, missing_column
 from drgn_core.io.table import (
     CTF_PARTICLE_COLUMNS,
     OPTICS_COLUMNS,
@@ -254,11 +255,16 @@ def _required_missing(df: pd.DataFrame, cols: list[str]) -> list[str]:
 
 
 def read_relion_star(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
-                     apix: float | None = None, problems: list[str] | None = None) -> ParticleTable:
+                     apix: float | None = None, problems: list[str] | None = None,
+                     overrides: dict[str, float] | None = None, need_poses: bool = True,
+                     need_ctf: bool = True) -> ParticleTable:
     """Read a RELION 3.0 or 3.1+/5 particle STAR into a canonical `ParticleTable`.
 
     `datadir` is where relative stack paths start (default: the STAR's folder); `apix` overrides or
     supplies the pixel size of the particle images (origins given in pixels convert with it).
+    `overrides` (`drgn_core.io.overrides.make_overrides`) replaces or supplies optics values and the phase
+    shift. `need_poses` / `need_ctf` false: the poses / CTF come from another file, so their columns may
+    be missing here (they are then filled with NaN for the caller to replace).
 
     With `problems` given, problems found in the file (missing columns or stacks, bad image names,
     undefined optics groups) are appended to it and a best-effort table is returned, so an importer can
@@ -268,6 +274,9 @@ def read_relion_star(path: str | os.PathLike, datadir: str | os.PathLike | None 
     path = Path(path)
     own = problems is None
     probs: list[str] = [] if own else problems
+    over = dict(overrides or {})
+    if apix is not None:
+        over["rlnImagePixelSize"] = float(apix)
     blocks = read_star_blocks(path)
     _, particles = _pick_particle_block(blocks, path)
     particles = particles.copy()
@@ -275,21 +284,26 @@ def read_relion_star(path: str | os.PathLike, datadir: str | os.PathLike | None 
     is31 = isinstance(optics_in, pd.DataFrame)  # RELION 3.1 introduced data_optics
     dd = Path(datadir) if datadir is not None else None
     if is31:
-        optics = _optics_31(optics_in.copy(), particles, apix, probs)
+        optics = _optics_31(optics_in.copy(), particles, over, probs, need_ctf)
     else:
-        optics = _optics_30(particles, apix, probs)
+        optics = _optics_30(particles, over, probs, need_ctf)
 
     missing_pose = _required_missing(particles, POSE_COLUMNS)
-    if missing_pose:
+    if missing_pose and need_poses:
         probs.append(f"has no pose columns {', '.join(missing_pose)}; {NO_POSES_HINT}")
+    for c in missing_pose:
+        particles[c] = np.nan
     missing_ctf = _required_missing(particles, CTF_PARTICLE_COLUMNS)
-    missing_ctf += [c for c in OPTICS_CTF_COLUMNS if c not in optics]
-    if missing_ctf:
+    if missing_ctf and need_ctf:
         probs.append(f"has no CTF columns {', '.join(missing_ctf)}; {NO_CTF_HINT}")
+    for c in missing_ctf:
+        particles[c] = np.nan
     check_numeric(particles, [*POSE_COLUMNS, *CTF_PARTICLE_COLUMNS, "rlnPhaseShift", "rlnCtfBfactor",
                               "rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginX", "rlnOriginY"], probs)
-    if "rlnPhaseShift" not in particles:
-        particles["rlnPhaseShift"] = 0.0
+    if "rlnPhaseShift" in over:
+        particles["rlnPhaseShift"] = over["rlnPhaseShift"]
+    elif "rlnPhaseShift" not in particles:
+        particles["rlnPhaseShift"] = 0.0  # RELION's meaning of an absent phase shift
     _origins_to_angstrom(particles, optics, probs)
 
     _locate_images(particles, path, dd, probs)
@@ -342,19 +356,21 @@ def _locate_images(particles: pd.DataFrame, path: Path, datadir: Path | None, pr
         particles["rlnImageName"] = ""
 
 
-def _optics_31(optics: pd.DataFrame, particles: pd.DataFrame, apix: float | None,
-               probs: list[str]) -> pd.DataFrame:
-    """Check a RELION 3.1 optics block against its particles; apply an --apix override."""
+def _optics_31(optics: pd.DataFrame, particles: pd.DataFrame, over: dict[str, float],
+               probs: list[str], need_ctf: bool = True) -> pd.DataFrame:
+    """Check a RELION 3.1 optics block against its particles; apply the user's overrides."""
     if "rlnOpticsGroup" not in optics:
         probs.append("data_optics has no rlnOpticsGroup column")
         optics["rlnOpticsGroup"] = np.arange(1, len(optics) + 1)
     check_numeric(optics, [*OPTICS_CTF_COLUMNS, "rlnImagePixelSize", "rlnImageSize", "rlnOpticsGroup"],
                   probs, "data_optics: ")
-    if apix is not None:
-        optics["rlnImagePixelSize"] = float(apix)
-    elif "rlnImagePixelSize" not in optics:
-        probs.append("data_optics has no rlnImagePixelSize; give the pixel size with --apix")
-        optics["rlnImagePixelSize"] = np.nan
+    for c in OPTICS_OVERRIDES:
+        if c in over:
+            optics[c] = over[c]
+        elif c not in optics:
+            if need_ctf:  # else a ctf.pkl supplies the optics, pixel size included
+                probs.append(missing_column(c, "data_optics "))
+            optics[c] = np.nan
     if "rlnImageSize" not in optics:
         optics["rlnImageSize"] = 0
     optics["rlnImageSize"] = optics["rlnImageSize"].fillna(0).astype(np.int64)
@@ -381,13 +397,19 @@ def _optics_31(optics: pd.DataFrame, particles: pd.DataFrame, apix: float | None
     return optics
 
 
-def _optics_30(particles: pd.DataFrame, apix: float | None, probs: list[str]) -> pd.DataFrame:
-    """Build optics groups for a RELION 3.0 STAR from its per-particle optics columns."""
+def _optics_30(particles: pd.DataFrame, over: dict[str, float], probs: list[str],
+               need_ctf: bool = True) -> pd.DataFrame:
+    """Build optics groups for a RELION 3.0 STAR from its per-particle optics columns (and overrides)."""
     check_numeric(particles, [*OPTICS_CTF_COLUMNS, "rlnDetectorPixelSize", "rlnMagnification",
                               "rlnImagePixelSize"], probs)
     n = len(particles)
-    if apix is not None:
-        px = np.full(n, float(apix))
+    for c in OPTICS_CTF_COLUMNS:
+        if c in over:
+            particles[c] = over[c]
+        elif c not in particles and need_ctf:
+            probs.append(missing_column(c))
+    if "rlnImagePixelSize" in over:
+        px = np.full(n, over["rlnImagePixelSize"])
     elif "rlnImagePixelSize" in particles:
         px = particles["rlnImagePixelSize"].to_numpy(dtype=np.float64)
     elif "rlnDetectorPixelSize" in particles and "rlnMagnification" in particles:
@@ -396,8 +418,9 @@ def _optics_30(particles: pd.DataFrame, apix: float | None, probs: list[str]) ->
             px = (particles["rlnDetectorPixelSize"].to_numpy(dtype=np.float64) * 1e4
                   / particles["rlnMagnification"].to_numpy(dtype=np.float64))
     else:
-        probs.append("does not give the pixel size (no rlnDetectorPixelSize and rlnMagnification, no "
-                     "rlnImagePixelSize); give it with --apix")
+        if need_ctf:  # else a ctf.pkl supplies it
+            probs.append("does not give the pixel size (no rlnImagePixelSize column, nor "
+                         "rlnDetectorPixelSize and rlnMagnification); give it with --apix")
         px = np.full(n, np.nan)
     bad_px = ~(np.isfinite(px) & (px > 0))
     if bad_px.any() and not np.isnan(px).all():

@@ -108,6 +108,14 @@ def get_import_options():
         opts.append(f"--apix {inp['apix']}")
     if inp["box"] is not None:
         opts.append(f"--box {inp['box']}")
+    for key in ("kv", "cs", "amp_contrast", "phase_shift"):
+        if inp.get(key) is not None:
+            opts.append(f"--{key.replace('_', '-')} {inp[key]}")
+    for key in ("poses", "ctf"):
+        if inp.get(key):
+            opts.append(f"--{key} {shlex.quote(inp[key])}")
+    if inp.get("allow_pickle"):
+        opts.append("--allow-pickle")
     if inp["invert"]:
         opts.append("--invert")
     return " ".join(opts)
