@@ -106,7 +106,7 @@ FETCH_DONE = f"{R}/data/fetch.done"
 
 
 def get_fetched_files():
-    """Named outputs of the fetch rule (input.mode empiar): the particle file and any poses / CTF file.
+    """Named outputs of fetch_empiar (input.mode empiar), the particle file and any poses / CTF file.
 
     The stacks themselves are not named (the include globs are resolved by the server's listing, at run
     time); the import waits for the rule's flag file, which appears only when every file is complete.
