@@ -97,8 +97,10 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._plain(404, "Not Found")
         finally:
-            with app._lock:
-                app._active -= 1
+            if not getattr(self, "_released", False):
+                with app._lock:
+                    app._active -= 1
+            self._released = False
 
     def _plain(self, code: int, text: str, ctype: str = "text/plain") -> None:
         body = text.encode()
@@ -167,11 +169,18 @@ class _Handler(BaseHTTPRequestHandler):
             return
         limit = len(body) if drop_at is None else drop_at
         block = 16384
+        released = False
         t0 = time.monotonic()
         sent = 0
         try:
             while sent < limit:
                 piece = body[sent:min(sent + block, limit)]
+                if sent + len(piece) >= len(body) and not released:
+                    # The connection stops counting before its last byte goes out: a client that reads
+                    # that byte and opens its next request at once must not see a spurious 503.
+                    with app._lock:
+                        app._active -= 1
+                    released = self._released = True
                 self.wfile.write(piece)
                 sent += len(piece)
                 with app._lock:

@@ -315,8 +315,17 @@ def _finish(p: Partial, outdir: Path, manifest: Manifest) -> None:
 
 def check_existing(files: list[RemoteFile], outdir: Path, manifest: Manifest,
                    opts: FetchOptions) -> tuple[list[RemoteFile], list[tuple[RemoteFile, str]]]:
-    """(files still to fetch, (file, problem) for files in place that no longer match the manifest)."""
+    """(files still to fetch, (file, problem) for files in place that no longer match the manifest).
+
+    Re-hashing what a finished fetch brought takes minutes for 100 GB (disk speed), hence its own bar.
+    """
+    from tqdm import tqdm
+
     todo, problems = [], []
+    recorded = [f for f in files if f.rel in manifest.files and (outdir / f.rel).exists()]
+    bar = tqdm(total=sum(manifest.files[f.rel]["size"] for f in recorded), unit="B", unit_scale=True,
+               unit_divisor=1024, desc="verify", file=sys.stderr,
+               disable=not (opts.progress and opts.verify_existing and recorded))
     for f in files:
         target = outdir / f.rel
         if not target.exists():
@@ -331,11 +340,12 @@ def check_existing(files: list[RemoteFile], outdir: Path, manifest: Manifest,
                                 f"{f.size}"))
             continue
         if opts.verify_existing:
-            why = manifest.check(f.rel, target)
+            why = manifest.check(f.rel, target, progress=bar.update)
             if why:
                 problems.append((f, why))
                 continue
         f.size = rec["size"]
+    bar.close()
     return todo, problems
 
 

@@ -61,11 +61,14 @@ def check_mrc(path: Path, name: str, size: int) -> None:
                         "the server's copy is truncated or padded, so it is not accepted")
 
 
-def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
+def sha256_file(path: str | os.PathLike, block: int = 1 << 22, progress=None) -> str:
+    """Hex sha256 of a file; `progress(n)` is called with each block's size (for a progress bar)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(block):
             h.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
     return h.hexdigest()
 
 
@@ -123,7 +126,7 @@ class Manifest:
         with atomic_path(self.path) as tmp:
             tmp.write_text(json.dumps(doc, indent=1) + "\n")
 
-    def check(self, rel: str, path: Path) -> str | None:
+    def check(self, rel: str, path: Path, progress=None) -> str | None:
         """None when `path` matches its record; else why not (the message names the file)."""
         rec = self.files.get(rel)
         if rec is None:
@@ -132,6 +135,6 @@ class Manifest:
         if size != rec["size"]:
             return (f"{path}: {size} bytes on disk but {rec['size']} when it was fetched "
                     f"(manifest {self.path})")
-        if sha256_file(path) != rec["sha256"]:
+        if sha256_file(path, progress=progress) != rec["sha256"]:
             return f"{path}: sha256 differs from the one recorded when it was fetched (manifest {self.path})"
         return None
