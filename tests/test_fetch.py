@@ -150,6 +150,8 @@ def test_kill9_then_resume_is_byte_identical_and_cheap(tmp_path):
         first = srv.bytes_sent
         assert 0.3 * data < first < data
         assert list(out.rglob(".*.part"))  # killed mid-way: partial files, resumed below
+        # Other settings on the rerun: partial files keep the chunking they were started with.
+        cmd += ["--connections", "8", "--chunk-size", "1M"]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert srv.bytes_sent <= 1.1 * data

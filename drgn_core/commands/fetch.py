@@ -49,8 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "fetch nothing")
     parser.add_argument("--connections", type=int, default=8, help="parallel connections in all (default 8, "
                         "EBI's throttling threshold)")
-    parser.add_argument("--chunk-size", type=_size, default=8 << 20, help="bytes per Range request "
-                        "(default 8M)")
+    parser.add_argument("--chunk-size", type=_size, default=8 << 20, help="largest Range request "
+                        "(default 8M; a file smaller than 16 requests per connection is cut finer, down to "
+                        "256K; a partial file keeps the chunking it was started with)")
     parser.add_argument("--retries", type=int, default=8, help="retries of a request that makes no "
                         "progress (default 8)")
     parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled "

@@ -62,6 +62,18 @@ class FetchOptions:
     repair: bool = False
 
 
+MIN_CHUNK = 256 << 10
+
+
+def chunk_for(size: int, chunk_size: int, connections: int) -> int:
+    """Bytes per Range request for a file of `size`: at most `chunk_size`, and small enough that a lone
+    file still spreads over every connection (16 requests per connection) down to 256 KiB. The tail of a
+    fetch, and the cost of a resume, is about one chunk at one connection's rate; a 50 GB stack still gets
+    the full chunk size, so requests stay few.
+    """
+    return int(min(chunk_size, max(MIN_CHUNK, size // (16 * max(1, connections)))))
+
+
 class _Transient(Exception):
     """A failure worth retrying (503, dropped connection, short body, timeout)."""
 
@@ -146,13 +158,15 @@ class Partial:
         self.target = target
         self.remote = remote
         self.size = int(remote.size)
-        self.chunk = chunk_size
-        self.n_chunks = max(1, -(-self.size // chunk_size))
         self.part = target.with_name(f".{target.name}.part")
         self.idx = target.with_name(f".{target.name}.part.idx")
+        # A partial copy of this very file (same URL and size) keeps the chunking it was started with,
+        # whatever --chunk-size or --connections say now: its progress counters are per chunk.
+        self.chunk = self._recorded_chunk() or chunk_size
+        self.n_chunks = max(1, -(-self.size // self.chunk))
         self.done = [0] * self.n_chunks
         self.restarted = False
-        header = {"url": remote.url, "size": self.size, "chunk": chunk_size}
+        header = {"url": remote.url, "size": self.size, "chunk": self.chunk}
         loaded = self._load(header)
         target.parent.mkdir(parents=True, exist_ok=True)
         if not loaded:
@@ -167,6 +181,16 @@ class Partial:
         self.idx_fd = os.open(self.idx, os.O_RDWR)
         self.lock = threading.Lock()
         self.remaining_chunks = sum(1 for i in range(self.n_chunks) if self.start(i) < self.end(i))
+
+    def _recorded_chunk(self) -> int | None:
+        try:
+            with open(self.idx, "rb") as f:
+                head = json.loads(f.read(IDX_HEADER).decode())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        ok = (isinstance(head, dict) and head.get("url") == self.remote.url and head.get("size") == self.size
+              and isinstance(head.get("chunk"), int) and head["chunk"] > 0)
+        return head["chunk"] if ok else None
 
     def _load(self, header: dict) -> bool:
         """Resume from the index when it describes this very file (same URL, size and chunking)."""
@@ -399,7 +423,7 @@ def fetch_files(files: list[RemoteFile], outdir: str | os.PathLike, opts: FetchO
     parts = []
     try:
         for f in todo:
-            p = Partial(outdir / f.rel, f, opts.chunk_size)
+            p = Partial(outdir / f.rel, f, chunk_for(int(f.size), opts.chunk_size, opts.connections))
             if p.restarted:
                 print(f"drgn fetch: {p.part}: the server's file changed since the partial copy was started; "
                       "fetching it afresh", file=sys.stderr)
@@ -422,7 +446,10 @@ def fetch_files(files: list[RemoteFile], outdir: str | os.PathLike, opts: FetchO
 
             futures = []
             for p in parts:
-                pending = [i for i in range(p.n_chunks) if p.start(i) < p.end(i)]
+                # Longest remaining first (whole chunks before the tails of interrupted ones): the
+                # connections then run out of work together instead of one finishing a chunk alone.
+                pending = sorted((i for i in range(p.n_chunks) if p.start(i) < p.end(i)),
+                                 key=lambda i, p=p: (p.start(i) - p.end(i), i))
                 if not pending:
                     futures.append(pool.submit(_finish, p, outdir, manifest))
                 futures += [pool.submit(task, p, i) for i in pending]
