@@ -17,6 +17,7 @@ import pytest
 from empiar_server import FakeEmpiar, api_body
 
 from drgn_core.cli import main
+from drgn_core.errors import DrgnError
 from drgn_core.fetch.api import parse_entry
 from drgn_core.fetch.listing import parse_listing
 from drgn_core.fetch.verify import git_blob_id, mrc_expected_size
@@ -72,6 +73,11 @@ def test_api_loose_types_and_listing_parser():
                               "number; ignored"]
     again = parse_entry({"EMPIAR-10999": api_body("10999", n_images="1000")}, "10999", "u")
     assert again.imagesets[0].count == 1000
+    with pytest.raises(DrgnError, match=r"^u: unknown accession EMPIAR-10999 \(the API has no entry of that "
+                       r"name\)$"):
+        parse_entry({}, "EMPIAR-10999", "u")  # an API answering 200 with nothing
+    with pytest.raises(DrgnError, match="'EMD-1234' is not an EMPIAR accession"):
+        parse_entry({}, "EMD-1234", "u")
     html = ('<a href="?C=N;O=D">Name</a><a href="/empiar/">Parent Directory</a><a href="Particles/">P/</a>'
             '<a href="a%20b.mrcs">a b.mrcs</a><a href="https://x/y">y</a>')
     assert parse_listing(html) == (["a b.mrcs"], ["Particles"])
