@@ -318,7 +318,10 @@ def _finish(p: Partial, outdir: Path, manifest: Manifest) -> None:
     rel, url = p.remote.rel, p.remote.url
     on_disk = p.part.stat().st_size
     if on_disk != p.size:
-        raise DrgnError(f"{p.part}: {on_disk} bytes on disk after fetching {p.size}; run again to resume")
+        # Only if the partial file was changed behind our back: its index no longer describes it.
+        p.idx.unlink()
+        raise DrgnError(f"{p.part}: {on_disk} bytes on disk after fetching {p.size} (changed while being "
+                        "fetched?); its progress index was reset, run again to fetch it afresh")
     if is_mrc_name(rel):
         check_mrc(p.part, url, p.size)
     digest = None
