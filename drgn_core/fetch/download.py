@@ -390,6 +390,7 @@ def adopt_or_fetch(f: RemoteFile, outdir: Path, manifest: Manifest) -> bool:
     except DrgnError:
         return False
     manifest.add(f.rel, f.size, sha256_file(target), f.url)
+    target.with_name(f".{target.name}.part.idx").unlink(missing_ok=True)  # left by a kill after the rename
     return True
 
 
