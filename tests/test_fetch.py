@@ -272,3 +272,18 @@ def test_full_disk_is_one_line_and_resumable(server, tmp_path):
     names = ["data/Parameters.star"] + [f"data/stacks/L17_{k}.mrcs" for k in range(3)]
     _same(out, server.files, names)
     assert server.bytes_sent - sent < sum(len(server.files[n]) for n in names) - 250_000
+
+
+def test_complete_files_without_a_record_are_adopted_not_refetched(server, tmp_path):
+    """A kill between a file's rename and its manifest record leaves it complete but unrecorded: the next
+    run checks it (size, MRC header) and records it without fetching it again."""
+    out = tmp_path / "out"
+    assert main(_args(server, out, *INCLUDE)) == 0
+    manifest = (out / "drgn-fetch-manifest.json").read_text()
+    (out / "drgn-fetch-manifest.json").unlink()
+    (out / "data" / "stacks" / ".L17_0.mrcs.part.idx").write_bytes(b"stale")
+    sent = server.bytes_sent
+    assert main(_args(server, out, *INCLUDE)) == 0
+    assert server.bytes_sent == sent
+    assert (out / "drgn-fetch-manifest.json").read_text() == manifest
+    assert not (out / "data" / "stacks" / ".L17_0.mrcs.part.idx").exists()
