@@ -14,7 +14,9 @@ class DrgnError(Exception):
 
     def __init__(self, message: str, path: str | None = None):
         self.path = str(path) if path is not None else None
-        super().__init__(f"{self.path}: {message}" if self.path else message)
+        text = f"{self.path}: {message}" if self.path else message
+        # One line, always: a damaged file can put line breaks into the names we quote.
+        super().__init__(text.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 class InputError(DrgnError):

@@ -57,7 +57,7 @@ def cryodrgn_rot_from_relion(euler_deg: np.ndarray) -> np.ndarray:
 
 
 def fixture_star_columns(name: str, *columns: str) -> np.ndarray:
-    from drgn_core.io.star import read_star_blocks
+    from drgn_core.io.star_format import read_star_blocks
 
     blocks = read_star_blocks(FIXTURE / name)
     df = blocks["particles"] if "particles" in blocks else blocks[""]
@@ -313,3 +313,19 @@ def test_count_mismatches_are_refused(tmp_path, truth):
         import_particles(star, ctf=ctf, allow_pickle=True)
     assert str(e.value) == (f"{ctf}: holds CTF parameters for 3 particles but the particle table holds 400; "
                             "rows are matched by order")
+
+
+def test_damaged_dtype_flags_cannot_crash_numpy(tmp_path):
+    """A pickle whose dtype state claims the float dtype holds Python objects (flags byte changed) puts
+    numpy's own __setstate__ into an internal error (SystemError; in the fuzz tests, an interpreter
+    abort); our stand-ins ignore the flags and rebuild the array from its bytes."""
+    from drgn_core.io.pickles import read_ctf_pkl
+
+    ctf = np.tile(np.array([64, 2, 1e4, 1e4, 0, 300, 2.7, 0.1, 0], dtype=np.float32), (4, 1))
+    data = pickle.dumps(ctf, protocol=3)
+    flags_at = data.index(b"J\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00") + 10  # ..., -1, -1, flags=0)
+    assert data[flags_at:flags_at + 2] == b"K\x00"
+    bad = data[:flags_at] + b"K\x3f" + data[flags_at + 2:]  # NPY_ITEM_REFCOUNT and friends
+    p = tmp_path / "ctf.pkl"
+    p.write_bytes(bad)
+    np.testing.assert_array_equal(read_ctf_pkl(p, allow_pickle=True), ctf)

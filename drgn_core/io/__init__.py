@@ -16,7 +16,8 @@ _EXPORTS = {
     "mrc": ["new_mmap_stack", "read_mrc", "read_stack_header", "write_mrc"],
     "stack": ["ParticleStack", "open_stack", "sidecar_path"],
     "stacklist": ["StackList", "read_stacklist"],
-    "star": ["read_relion_star", "read_star_blocks", "write_relion_star", "write_star"],
+    "star": ["read_relion_star", "write_relion_star"],
+    "star_format": ["read_star_blocks", "write_star"],
     "table": ["ParticleTable", "read_table", "write_table"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

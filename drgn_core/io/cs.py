@@ -1,9 +1,10 @@
 """cryoSPARC particle `.cs` files: reading into a `ParticleTable`, and writing a particle `.cs`.
 
-Both on-disk formats (a numpy structured array, sometimes with a header larger than numpy's default
-limit, and the compressed ``\\x95CSDAT`` stream) are read by cryoSPARC's own library, cryosparc-tools
-(`Dataset.load`), so we never hand-parse them; files we write are numpy-format `.cs` that the same
-library reads back (tests check that).
+The numpy format (a structured array, sometimes with a header larger than numpy's default limit) is
+read with `np.load`, pickles refused; the compressed ``\\x95CSDAT`` stream format is decoded by cryoSPARC's
+own library, cryosparc-tools, in a child process (its decoder crashes on damaged files), so we never
+hand-parse either. Files we write are numpy-format `.cs` that cryosparc-tools reads back (tests check
+that).
 
 Conversions (DESIGN §3):
 
@@ -41,16 +42,83 @@ NO_POSES_HINT = ("drgnflow needs consensus poses: use the particles output of a 
                  "(e.g. J42/J42_particles.cs or its exported particles)")
 
 
-def load_dataset(path: str | os.PathLike):
-    """cryosparc-tools `Dataset` of a `.cs` file, with a one-line error for anything unreadable."""
-    from cryosparc.dataset import Dataset
+CSDAT_MAGIC = b"\x95CSDAT"
+# Run in a child process: cryosparc-tools' stream decoder crashes the interpreter (SIGSEGV) on a truncated
+# or damaged stream-format file (found by tests/test_fuzz_readers.py), so it decodes there, into the
+# numpy format, which is then read here.
+_CSDAT_TO_NUMPY = """
+import sys
+from cryosparc.dataset import NUMPY_FORMAT, Dataset
+d = Dataset.load(sys.argv[1])
+with open(sys.argv[2], "wb") as f:
+    d.save(f, format=NUMPY_FORMAT)
+"""
+# cryoSPARC's numpy-format headers can exceed numpy's default 10 kB limit (hundreds of fields).
+_MAX_HEADER = 10_000_000
+
+
+class NumpyDataset:
+    """The read-only part of cryosparc-tools' `Dataset` interface that the readers use, over a numpy
+    structured array.
+
+    Numpy-format `.cs` files are read with `np.load` (pickles refused) rather than by cryosparc-tools:
+    its native core has been seen to corrupt memory on damaged files (a later, unrelated call then
+    crashed), while numpy validates the header and refuses what does not fit.
+    """
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def fields(self) -> list[str]:
+        return list(self.array.dtype.names or ())
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.array[name]
+
+
+def _load_numpy_cs(path: Path) -> NumpyDataset:
+    arr = np.load(path, allow_pickle=False, max_header_size=_MAX_HEADER)
+    if not isinstance(arr, np.ndarray) or arr.dtype.names is None or arr.ndim != 1:
+        raise InputError("is a numpy file but not a cryoSPARC dataset (a 1-D array of named fields)", path)
+    return NumpyDataset(arr)
+
+
+def load_dataset(path: str | os.PathLike) -> NumpyDataset:
+    """The fields of a `.cs` file (`NumpyDataset`), with a one-line error for anything unreadable.
+
+    The compressed stream format (magic ``\\x95CSDAT``) is decoded by cryosparc-tools in a child
+    process, so a damaged file that crashes the decoder gives an error instead of killing drgnflow.
+    """
+    import subprocess
+    import sys
+    import tempfile
 
     path = Path(path)
     if not path.is_file():
         raise InputError("no such file", path)
     try:
-        return Dataset.load(path)
-    except Exception as e:  # cryosparc-tools raises several kinds for truncated/foreign files
+        with open(path, "rb") as f:
+            magic = f.read(len(CSDAT_MAGIC))
+        if magic != CSDAT_MAGIC:
+            return _load_numpy_cs(path)
+        with tempfile.TemporaryDirectory(prefix="drgn-cs-") as tmp:
+            out = Path(tmp) / "dataset.cs"
+            proc = subprocess.run([sys.executable, "-c", _CSDAT_TO_NUMPY, str(path), str(out)],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+                why = last if proc.returncode > 0 else f"the decoder crashed (signal {-proc.returncode})"
+                raise InputError(f"cannot read as a cryoSPARC .cs file (damaged or truncated stream format: "
+                                 f"{why})", path)
+            return _load_numpy_cs(out)
+    except InputError as e:
+        if e.path == str(path):
+            raise
+        raise InputError(str(e).split(": ", 1)[-1], path) from None
+    except Exception as e:  # numpy raises several kinds for truncated/foreign files
         raise InputError(f"cannot read as a cryoSPARC .cs file ({type(e).__name__}: {e})", path) from None
 
 
@@ -58,7 +126,7 @@ def _strings(values: np.ndarray) -> pd.Series:
     """A cryoSPARC string field (bytes or str) as a pandas string Series."""
     s = pd.Series(values, dtype=object)
     if len(s) and isinstance(s.iloc[0], bytes):
-        s = s.str.decode("utf-8")
+        s = s.str.decode("utf-8", errors="replace")  # a damaged path then names no file
     return s.astype("str")
 
 
@@ -109,10 +177,16 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None, a
     psize_align = np.round(np.asarray(d["alignments3D/psize_A"], dtype=np.float64), 6) \
         if "alignments3D/psize_A" in fields else psize_blob
 
+    euler = np.full((n, 3), np.nan)
     if "alignments3D/pose" in fields:
-        euler = matrix_to_euler(rotvec_to_matrix(np.asarray(d["alignments3D/pose"], dtype=np.float64)))
-    else:
-        euler = np.full((n, 3), np.nan)
+        rotvec = np.asarray(d["alignments3D/pose"], dtype=np.float64).reshape(n, -1)
+        ok = np.isfinite(rotvec).all(axis=1) & (np.abs(rotvec).max(axis=1, initial=0) < 1e6)
+        if rotvec.shape[1] != 3:
+            raise InputError(f"alignments3D/pose holds {rotvec.shape[1]} values per particle; expected a "
+                             "rotation vector of 3", path)
+        if (~ok).any():
+            probs.append(f"{format_rows(np.flatnonzero(~ok))}: alignments3D/pose is NaN, infinite or absurd")
+        euler[ok] = matrix_to_euler(rotvec_to_matrix(rotvec[ok]))
     shift_px = np.asarray(d["alignments3D/shift"], dtype=np.float64) if "alignments3D/shift" in fields \
         else np.zeros((n, 2))
     particles = pd.DataFrame({

@@ -42,28 +42,119 @@ ALLOWED_GLOBALS = frozenset({
 CTF_PKL_COLUMNS = ["D", "apix", "dfU", "dfV", "dfang", "kv", "cs", "w", "phase"]
 
 
-def _numpy_global(module: str, name: str):
-    """The object an allowed global names, without importing the deprecated ``numpy.core`` alias."""
-    if module == "numpy":
-        return getattr(np, name)
-    try:
-        from numpy._core import multiarray  # NumPy 2
-    except ImportError:  # NumPy 1
-        from numpy.core import multiarray
-    return getattr(multiarray, name)
+# Plain numeric types only: what cryoDRGN's arrays hold. Object, string, structured and sub-array dtypes
+# are refused (an object array would carry arbitrary Python objects).
+_SAFE_KINDS = "biuf"
+_MAX_ELEMENTS = 2_000_000_000
+
+
+class _NDArrayMarker:
+    """Stands for ``numpy.ndarray`` where a pickle names it (only as ``_reconstruct``'s first argument)."""
+
+
+class _DTypeProxy:
+    """A numpy dtype rebuilt from its pickled form, checked, without numpy's own ``__setstate__``.
+
+    numpy's dtype ``__setstate__`` trusts the flags it is given: a damaged pickle can mark a float dtype
+    as holding Python objects, after which numpy reference-counts garbage and the interpreter aborts
+    (found by tests/test_fuzz_readers.py). So the state is read here and only the byte order is kept.
+    """
+
+    def __init__(self, spec: object, align: object = False, copy: object = True):
+        if not isinstance(spec, str) or len(spec) > 8:
+            raise pickle.UnpicklingError(f"it holds a dtype {spec!r} that is not a plain numeric type")
+        try:
+            dt = np.dtype(spec)
+        except TypeError:
+            raise pickle.UnpicklingError(f"it holds an unknown dtype {spec!r}") from None
+        if dt.kind not in _SAFE_KINDS or dt.fields is not None or dt.subdtype is not None:
+            raise pickle.UnpicklingError(f"it holds a {dt} array; a cryoDRGN pickle holds numbers only")
+        self.dtype = dt
+
+    def __setstate__(self, state: object) -> None:
+        if not isinstance(state, tuple) or len(state) < 2 or state[1] not in ("<", ">", "|", "="):
+            raise pickle.UnpicklingError("it holds a malformed dtype")
+        if any(v is not None for v in state[2:5]):  # sub-array, names, fields
+            raise pickle.UnpicklingError("it holds a structured dtype; a cryoDRGN pickle holds numbers only")
+        if state[1] in "<>":
+            self.dtype = self.dtype.newbyteorder(state[1])
+
+
+class _ArrayProxy:
+    """An ndarray rebuilt from its pickled state with `np.frombuffer`, after checking that the shape, the
+    type and the number of bytes agree (numpy's ``__setstate__`` is not relied on for that)."""
+
+    array: np.ndarray | None = None
+
+    def __setstate__(self, state: object) -> None:
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise pickle.UnpicklingError("it holds a malformed array")
+        _, shape, dt, fortran, raw = state
+        if not isinstance(dt, _DTypeProxy):
+            raise pickle.UnpicklingError("it holds an array without a plain numeric dtype")
+        if not isinstance(shape, tuple) or not all(isinstance(k, int) and 0 <= k for k in shape):
+            raise pickle.UnpicklingError(f"it holds an array of malformed shape {shape!r}")
+        n = int(np.prod(shape, dtype=np.float64)) if shape else 1
+        if n > _MAX_ELEMENTS:
+            raise pickle.UnpicklingError(f"it declares an array of {n} elements")
+        if not isinstance(raw, bytes | bytearray) or len(raw) != n * dt.dtype.itemsize:
+            got = len(raw) if isinstance(raw, bytes | bytearray) else type(raw).__name__
+            raise pickle.UnpicklingError(f"it holds an array of shape {shape} whose data is {got} bytes, "
+                                         f"not {n * dt.dtype.itemsize}")
+        self.array = np.frombuffer(bytes(raw), dtype=dt.dtype).reshape(shape, order="F" if fortran else "C"
+                                                                        ).copy()
+
+
+def _reconstruct(cls: object, shape: object = (0,), typecode: object = b"b") -> _ArrayProxy:
+    if cls is not _NDArrayMarker:
+        raise pickle.UnpicklingError("it rebuilds something other than a numpy array")
+    return _ArrayProxy()
+
+
+def _scalar(dt: object, raw: object = b"") -> np.generic:
+    if not isinstance(dt, _DTypeProxy) or not isinstance(raw, bytes) or len(raw) != dt.dtype.itemsize:
+        raise pickle.UnpicklingError("it holds a malformed numpy scalar")
+    return np.frombuffer(raw, dtype=dt.dtype)[0]
+
+
+_SAFE_OBJECTS = {"ndarray": _NDArrayMarker, "dtype": _DTypeProxy, "_reconstruct": _reconstruct,
+                 "scalar": _scalar}
+
+
+def _materialize(obj: object, depth: int = 0) -> object:
+    """Replace the array proxies in what was unpickled by their arrays."""
+    if depth > 20:
+        raise pickle.UnpicklingError("it nests containers too deeply")
+    if isinstance(obj, _ArrayProxy):
+        if obj.array is None:
+            raise pickle.UnpicklingError("it holds an array without data")
+        return obj.array
+    if isinstance(obj, _DTypeProxy | _NDArrayMarker) or obj is _NDArrayMarker:
+        raise pickle.UnpicklingError("it holds a bare numpy type")
+    if isinstance(obj, tuple):
+        return tuple(_materialize(v, depth + 1) for v in obj)
+    if isinstance(obj, list):
+        return [_materialize(v, depth + 1) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _materialize(v, depth + 1) for k, v in obj.items()}
+    return obj
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only `ALLOWED_GLOBALS` and no persistent ids."""
+    """An unpickler that resolves only `ALLOWED_GLOBALS`, to checked stand-ins (never numpy's own
+    reconstructors), and no persistent ids. `load` returns real numpy arrays and scalars."""
 
     def find_class(self, module: str, name: str):
         if (module, name) not in ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(f"it names the global {module}.{name}, which a cryoDRGN pickle "
                                          "never holds; refusing to load it")
-        return _numpy_global(module, name)
+        return _SAFE_OBJECTS[name]
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("it uses persistent ids, which a cryoDRGN pickle never holds")
+
+    def load(self):
+        return _materialize(super().load())
 
 
 def load_pickle(path: str | os.PathLike, allow_pickle: bool, what: str = "cryoDRGN pickle") -> object:

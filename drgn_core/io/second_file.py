@@ -58,10 +58,14 @@ def read_pose_source(path: str | os.PathLike, allow_pickle: bool = False,
 
         rot, trans = read_poses_pkl(path, allow_pickle)
         return PoseSource(path, matrix_to_euler(rot), trans, fraction=True, kind="cryoDRGN poses.pkl")
-    if suffix == ".cs":
-        return _cs_poses(path, apix)
-    if suffix == ".star":
-        return _star_poses(path, apix)
+    if suffix in (".cs", ".star"):
+        src = _cs_poses(path, apix) if suffix == ".cs" else _star_poses(path, apix)
+        values = np.column_stack([src.euler, src.shifts]) if len(src) else np.zeros((0, 5))
+        bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+        if len(bad):
+            more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
+            raise InputError(f"row {int(bad[0])}: the pose or shift is NaN or infinite{more}", path)
+        return src
     raise InputError(f"unknown poses file type '{path.suffix}'; --poses reads a cryoSPARC .cs, a RELION "
                      ".star or a cryoDRGN poses.pkl", path)
 
@@ -75,7 +79,11 @@ def _cs_poses(path: Path, apix: float | None) -> PoseSource:
         raise InputError("has no alignments3D/pose field; --poses needs the particles of a 3D refinement",
                          path)
     n = len(d)
-    euler = matrix_to_euler(rotvec_to_matrix(np.asarray(d["alignments3D/pose"], dtype=np.float64)))
+    rotvec = np.asarray(d["alignments3D/pose"], dtype=np.float64).reshape(n, -1)
+    bad = np.flatnonzero(~np.isfinite(rotvec).all(axis=1)) if rotvec.shape[1] == 3 else [0]
+    if len(bad):
+        raise InputError(f"row {int(bad[0])}: alignments3D/pose is not a finite rotation vector", path)
+    euler = matrix_to_euler(rotvec_to_matrix(rotvec))
     shift_px = (np.asarray(d["alignments3D/shift"], dtype=np.float64).reshape(n, 2)
                 if "alignments3D/shift" in fields else np.zeros((n, 2)))
     for f in ("alignments3D/psize_A", "blob/psize_A"):
@@ -92,7 +100,8 @@ def _cs_poses(path: Path, apix: float | None) -> PoseSource:
 
 
 def _star_poses(path: Path, apix: float | None) -> PoseSource:
-    from drgn_core.io.star import check_numeric, read_star_blocks
+    from drgn_core.io.star import check_numeric
+    from drgn_core.io.star_format import read_star_blocks
 
     blocks = read_star_blocks(path)
     particles = blocks.get("particles")

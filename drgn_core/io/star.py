@@ -1,5 +1,5 @@
-"""RELION STAR files: reading users' particle STARs (RELION 3.0 and 3.1+/5) into a `ParticleTable`,
-writing plain RELION 3.1 STARs, and a fast STAR writer used by every table we write.
+"""RELION STAR files: reading users' particle STARs (RELION 3.0 and 3.1+/5) into a `ParticleTable`, and
+writing plain RELION 3.1 STARs. The STAR format itself (blocks in, blocks out) is `drgn_core.io.star_format`.
 
 RELION 3.0 keeps everything per particle in one block: optics (voltage, Cs, amplitude contrast, detector
 pixel size and magnification) and origins in *pixels*. RELION 3.1 moved optics into ``data_optics`` and
@@ -8,17 +8,11 @@ origins into Ångström (``rlnOriginX/YAngst``). Both become the same canonical 
 
 ``rlnImageName`` is ``N@stack`` with 1-based N. Parsing is vectorised (pandas string ops) and each distinct
 stack path is resolved once, so a million-particle STAR imports in seconds.
-
-The writer formats columns with Arrow's C++ kernels instead of pandas ``to_csv`` (≈10× faster at 10⁶
-rows): floats are rounded to 6 decimals and printed in shortest form, strings containing whitespace (or
-empty) are double-quoted so the file still splits on whitespace.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +20,7 @@ import pandas as pd
 
 from drgn_core.errors import InputError, collect
 from drgn_core.io.overrides import OPTICS_OVERRIDES, missing_column
+from drgn_core.io.star_format import read_star_blocks, write_star
 from drgn_core.io.table import (
     CTF_PARTICLE_COLUMNS,
     OPTICS_COLUMNS,
@@ -40,7 +35,6 @@ OPTICS_CTF_COLUMNS = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContr
 # block or the Å origins); dropped by `write_relion_star`, kept in the canonical table for the record.
 LEGACY_PARTICLE_COLUMNS = {"rlnOriginX", "rlnOriginY", "rlnDetectorPixelSize", "rlnMagnification",
                            "rlnImagePixelSize", *OPTICS_CTF_COLUMNS}
-STRING_COLUMNS = ["rlnImageName", "rlnMicrographName", "rlnOpticsGroupName", "drgnStackPath", "drgnUid"]
 NO_POSES_HINT = ("drgnflow needs consensus poses: import the particles of a 3D refinement "
                  "(e.g. Refine3D/jobNNN/run_data.star)")
 NO_CTF_HINT = "drgnflow needs CTF parameters: import particles that went through CTF estimation"
@@ -82,117 +76,6 @@ def number_optics_groups(keys: pd.DataFrame) -> np.ndarray:
 
 
 # ---- reading ---------------------------------------------------------------------------------------
-_BLOCK_LINE = re.compile(rb"[ \t]*data_(\S*)[ \t]*\r?")
-
-
-def _block_starts(text: bytes) -> list[tuple[str, int, int]]:
-    """(name, start of the 'data_' line, end of it) for every line that is exactly ``data_NAME``.
-
-    bytes.find runs at memchr speed; a regex anchored at every line start of a 100 MB file is ~10×
-    slower. A data row that merely contains 'data_' is not a block start (the whole line must match).
-    """
-    out = []
-    pos = 0
-    while (hit := text.find(b"data_", pos)) >= 0:
-        line_start = text.rfind(b"\n", 0, hit) + 1
-        line_end = text.find(b"\n", hit)
-        line_end = len(text) if line_end < 0 else line_end
-        m = _BLOCK_LINE.fullmatch(text, line_start, line_end)
-        if m:
-            out.append((m.group(1).decode(errors="replace"), line_start, line_end))
-        pos = line_end
-    return out
-
-
-def read_star_blocks(path: str | os.PathLike, strings: list[str] | None = None
-                     ) -> dict[str, pd.DataFrame | dict]:
-    """All data blocks of a STAR file: name → DataFrame for loops, dict for key-value blocks.
-
-    Only block and loop headers are scanned in Python; each loop's rows go to pandas' C parser in one
-    call (starfile reads line by line, ~3× slower at 10⁶ rows). Columns in `strings` (default: image
-    names, paths, uids) stay strings; the others are numeric wherever every value parses as a number.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("no such file", path)
-    try:
-        text = path.read_bytes()
-    except OSError as e:
-        raise InputError(f"cannot read ({e.strerror})", path) from None
-    starts = _block_starts(text)
-    if not starts:
-        raise InputError("holds no data_ blocks; is it a STAR file?", path)
-    keep_str = set(STRING_COLUMNS if strings is None else strings)
-    blocks: dict[str, pd.DataFrame | dict] = {}
-    for i, (name, _, header_end) in enumerate(starts):
-        end = starts[i + 1][1] if i + 1 < len(starts) else len(text)
-        try:
-            blocks[name] = _parse_block(text, header_end, end, keep_str)
-        except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
-            raise InputError(f"cannot parse data_{name} as STAR ({type(e).__name__}: {e})", path) from None
-    return blocks
-
-
-def _next_line(text: bytes, pos: int, end: int) -> tuple[bytes, int]:
-    """(stripped line starting at pos, position after it)."""
-    nl = text.find(b"\n", pos, end)
-    nl = end if nl < 0 else nl
-    return text[pos:nl].strip(), nl + 1
-
-
-def _parse_block(text: bytes, pos: int, end: int, keep_str: set[str]) -> pd.DataFrame | dict:
-    """One data block between byte offsets: a loop → DataFrame, else key-value pairs → dict."""
-    import shlex
-
-    pairs: dict[str, object] = {}
-    while pos < end:
-        line, nxt = _next_line(text, pos, end)
-        if not line or line.startswith(b"#"):
-            pos = nxt
-            continue
-        if line.startswith(b"loop_"):
-            return _parse_loop(text, nxt, end, keep_str)
-        if line.startswith(b"_"):
-            key, _, value = line.decode().partition(" ")
-            words = shlex.split(value, comments=True)
-            v = words[0] if words else ""
-            pairs[key[1:]] = v if key[1:] in keep_str else _number_or_string(v)
-            pos = nxt
-            continue
-        raise ValueError(f"unexpected line {line[:60]!r}")
-    return pairs
-
-
-def _number_or_string(v: str) -> object:
-    for kind in (int, float):
-        try:
-            return kind(v)
-        except ValueError:
-            pass
-    return v
-
-
-def _parse_loop(text: bytes, pos: int, end: int, keep_str: set[str]) -> pd.DataFrame:
-    labels: list[str] = []
-    while pos < end:
-        line, nxt = _next_line(text, pos, end)
-        if line.startswith(b"_"):
-            labels.append(line.split()[0][1:].decode())
-        elif line and not line.startswith(b"#"):
-            break
-        pos = nxt
-    body = text[pos:end]
-    if not body.strip():
-        return pd.DataFrame({c: pd.Series([], dtype="str" if c in keep_str else "float64") for c in labels})
-    df = pd.read_csv(io.BytesIO(body), sep=r"\s+", header=None, comment="#", engine="c", quotechar='"',
-                     keep_default_na=False, na_values=["nan", "NaN", "<NA>"],
-                     dtype={i: str for i, c in enumerate(labels) if c in keep_str})
-    if df.shape[1] != len(labels):
-        raise ValueError(f"rows hold {df.shape[1]} values but the loop declares {len(labels)} labels")
-    df.columns = labels
-    return df
-
-
 def parse_image_names(names: pd.Series, problems: list[str], label: str = "rlnImageName"
                       ) -> tuple[np.ndarray, pd.Series]:
     """Split ``N@stack`` names (1-based N) into 0-based indices and stack references, vectorised.
@@ -201,6 +84,8 @@ def parse_image_names(names: pd.Series, problems: list[str], label: str = "rlnIm
     below 1 get index -1 and a problem.
     """
     s = names.astype("str").str.strip()
+    if not len(s):  # an empty loop (the importer says "holds no particles")
+        return np.zeros(0, dtype=np.int64), s
     has_at = s.str.contains("@", regex=False).to_numpy()
     parts = s.str.partition("@")
     refs = parts[2].where(has_at, s)
@@ -425,7 +310,7 @@ def _optics_30(particles: pd.DataFrame, over: dict[str, float], probs: list[str]
     bad_px = ~(np.isfinite(px) & (px > 0))
     if bad_px.any() and not np.isnan(px).all():
         probs.append(f"{format_rows(np.flatnonzero(bad_px))}: pixel size is not a positive number")
-    keys = pd.DataFrame({c: particles[c].to_numpy(dtype=np.float64) if c in particles else np.nan
+    keys = pd.DataFrame({c: particles[c].to_numpy(dtype=np.float64) if c in particles else np.full(n, np.nan)
                          for c in OPTICS_CTF_COLUMNS})
     keys["rlnImagePixelSize"] = px
     group = number_optics_groups(keys) if n else np.zeros(0, dtype=np.int64)
@@ -455,56 +340,6 @@ def _origins_to_angstrom(particles: pd.DataFrame, optics: pd.DataFrame, probs: l
 
 
 # ---- writing ---------------------------------------------------------------------------------------
-def _column_strings(values: pd.Series, decimals: int):
-    """One column as an Arrow string array, STAR-formatted."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if pd.api.types.is_bool_dtype(values):
-        values = values.astype(np.int8)
-    if pd.api.types.is_float_dtype(values):
-        arr = pa.array(np.round(values.to_numpy(dtype=np.float64), decimals), from_pandas=False)
-        return pc.cast(arr, pa.large_string())
-    if pd.api.types.is_integer_dtype(values):
-        return pc.cast(pa.array(values.to_numpy()), pa.large_string())
-    arr = pa.array(values.astype(object).where(values.notna(), "").astype(str).to_numpy(dtype=object),
-                   type=pa.large_string())
-    needs_quotes = pc.match_substring_regex(arr, r"\s|^$")
-    if pc.any(needs_quotes).as_py():
-        quote, empty = pa.scalar('"', pa.large_string()), pa.scalar("", pa.large_string())
-        arr = pc.if_else(needs_quotes, pc.binary_join_element_wise(quote, arr, quote, empty), arr)
-    return arr
-
-
-def _write_loop(f, name: str, df: pd.DataFrame, decimals: int, batch: int = 200_000) -> None:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    space, newline = pa.scalar(" ", pa.large_string()), pa.scalar("\n", pa.large_string())
-    empty = pa.scalar("", pa.large_string())
-    f.write(f"\n# version 30001\n\ndata_{name}\n\nloop_\n".encode())
-    for i, c in enumerate(df.columns):
-        f.write(f"_{c} #{i + 1}\n".encode())
-    for start in range(0, len(df), batch):
-        part = df.iloc[start:start + batch]
-        cols = [_column_strings(part[c], decimals) for c in part.columns]
-        line = pc.binary_join_element_wise(*cols, space)
-        line = pc.binary_join_element_wise(line, empty, newline)
-        _, offsets_buf, data_buf = line.buffers()
-        offsets = np.frombuffer(offsets_buf, dtype=np.int64, count=len(line) + 1, offset=line.offset * 8)
-        f.write(memoryview(data_buf)[offsets[0]:offsets[-1]])
-    f.write(b"\n")
-
-
-def write_star(blocks: dict[str, pd.DataFrame], path: str | os.PathLike, decimals: int = 6) -> None:
-    """Write loop blocks (name → DataFrame) as a STAR file, atomically, fast at millions of rows."""
-    from drgn_core.io.atomic import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        for name, df in blocks.items():
-            _write_loop(f, name, df, decimals)
-
-
 def _relion_columns(df: pd.DataFrame, drop: set[str]) -> list[str]:
     return [c for c in df.columns if c.startswith("rln") and c not in drop]
 
