@@ -108,14 +108,18 @@ def run(args: argparse.Namespace) -> int:
             print(f"{state}  {f.rel:<{width}}  {f.size:>15,d}  {_human(f.size)}")
         total = sum(f.size for f in files)
         missing = sum(f.size for f in files if f.rel not in manifest.files)
-        print(f"{len(files)} files, {total:,d} bytes ({_human(total)}) in all; {_human(missing)} to fetch "
+        print(f"{_files(len(files))}, {total:,d} bytes ({_human(total)}) in all; {_human(missing)} to fetch "
               f"into {args.output}")
         return 0
     summary = fetch_files(files, args.output, opts)
-    print(f"{label}: {summary['files']} files ({_human(summary['bytes_total'])}) in {args.output}; "
+    print(f"{label}: {_files(summary['files'])} ({_human(summary['bytes_total'])}) in {args.output}; "
           f"{summary['fetched']} fetched ({_human(summary['bytes_fetched'])} transferred), "
           f"{summary['skipped']} already complete and verified.")
     return 0
+
+
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
 
 
 def _human(n: int) -> str:
