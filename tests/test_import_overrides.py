@@ -170,3 +170,18 @@ def test_workflow_config_second_files(tmp_path):
                         "allow_pickle": True}}
     validate_config(config, base=tmp_path)
     assert _import_options(config) == "--poses poses.pkl --ctf 'my ctf.pkl' --allow-pickle"
+
+
+@needs_fixture
+def test_cs_without_amplitude_contrast_names_the_option(tmp_path, capsys):
+    from numpy.lib import recfunctions
+
+    cs = recfunctions.drop_fields(np.load(FIXTURE / "particles.cs"), "ctf/amp_contrast", usemask=False)
+    shutil.copytree(FIXTURE / "stacks", tmp_path / "stacks")
+    path = tmp_path / "particles.cs"
+    with open(path, "wb") as f:
+        np.save(f, cs)
+    msg = run_fail(capsys, path, tmp_path / "t.star")
+    assert msg == "1 problems: has no ctf/amp_contrast field; give the amplitude contrast with --amp-contrast"
+    t = import_particles(path, amp_contrast=0.07)
+    assert (t.ctf_params()[:, 6] == 0.07).all()

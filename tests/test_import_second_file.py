@@ -329,3 +329,19 @@ def test_damaged_dtype_flags_cannot_crash_numpy(tmp_path):
     p = tmp_path / "ctf.pkl"
     p.write_bytes(bad)
     np.testing.assert_array_equal(read_ctf_pkl(p, allow_pickle=True), ctf)
+
+
+@pytest.mark.parametrize("obj,message", [
+    ((np.zeros((0, 3, 3)), np.zeros((0, 2))), "the rotations holds no rows"),
+    ((np.tile(np.eye(3), (2, 1, 1)), np.zeros((3, 2))), "holds 2 rotations but 3 translations"),
+    ((np.tile(2 * np.eye(3), (2, 1, 1)), np.zeros((2, 2))), "rotation 0 is not a rotation matrix"),
+    ((np.eye(3)[None], np.full((1, 2), np.nan)), "the translations row 0 holds NaN or infinite values"),
+    ({"rot": np.eye(3)}, "holds a dict; a cryoDRGN poses.pkl holds a tuple"),
+])
+def test_malformed_poses_pkl(tmp_path, obj, message):
+    from drgn_core.io.pickles import read_poses_pkl
+
+    p = write_pickle(tmp_path / "poses.pkl", obj)
+    with pytest.raises(InputError) as e:
+        read_poses_pkl(p, allow_pickle=True)
+    assert str(e.value).startswith(f"{p}: {message}")

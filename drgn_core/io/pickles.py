@@ -190,8 +190,10 @@ def _float_array(obj: object, path: Path, what: str, shape_tail: tuple[int, ...]
                else f"a {type(obj).__name__}")
         want = "(N, " + ", ".join(map(str, shape_tail)) + ")"
         raise InputError(f"{what} holds {got}; expected a numeric array of shape {want}", path)
+    if not len(obj):
+        raise InputError(f"{what} holds no rows", path)
     arr = obj.astype(np.float64)
-    bad = np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1))
+    bad = np.flatnonzero(~np.isfinite(arr.reshape(len(arr), int(np.prod(shape_tail)))).all(axis=1))
     if len(bad):
         raise InputError(f"{what} row {int(bad[0])} holds NaN or infinite values"
                          + (f" ({len(bad)} rows)" if len(bad) > 1 else ""), path)

@@ -95,6 +95,12 @@ def get_import_source(wildcards=None):
     return config["input"]["path"]
 
 
+def get_import_second_files(wildcards=None):
+    """The poses / CTF files given in input.poses and input.ctf, or fetched (input.mode empiar): the
+    import reruns when they change."""
+    return [get_second_file(key) for key in ("poses", "ctf") if get_second_file(key)]
+
+
 def get_export_source(wildcards=None):
     """The file whose rows the export subsets: the user's input, or the simulator's STAR / .cs."""
     if SIMULATED:

@@ -61,6 +61,7 @@ else:
     rule import_particles:
         input:
             source=get_import_source,
+            second=get_import_second_files,
             fetched=get_fetch_flag,
         output:
             table=TABLE,
