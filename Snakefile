@@ -2,7 +2,7 @@
 #
 #   snakemake --profile profiles/local                  # the embedded demo (config/config.yaml), 2 CPU cores
 #   snakemake --profile profiles/local --report results/report.html
-#   snakemake --profile profiles/slurm --configfile config/examples/empiar10076_like.yaml
+#   snakemake --profile profiles/slurm --configfile config/examples/empiar10076.yaml
 #
 # Every stage is one rule file in workflow/rules and one `drgn` subcommand; this file only wires them up.
 

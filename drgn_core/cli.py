@@ -23,6 +23,7 @@ from drgn_core.errors import DrgnError
 
 # (subcommand, module under drgn_core.commands), in workflow order.
 COMMANDS: list[tuple[str, str]] = [
+    ("fetch", "fetch"),
     ("simulate", "simulate"),
     ("import", "import_"),
     ("downsample", "downsample"),

@@ -189,6 +189,10 @@ def cross_field_problems(config: dict, check_files: bool = True, base: Path | No
     if mode == "simulate":
         if inp["path"]:
             p.append(f"key 'input.path': must be empty with input.mode simulate (found {inp['path']!r})")
+    elif mode == "empiar":
+        from drgn_core.fetch.workflow import config_problems
+
+        p.extend(config_problems(config))
     else:
         suffix = {"star": ".star", "cs": ".cs"}[mode]
         if not inp["path"]:
@@ -205,6 +209,8 @@ def cross_field_problems(config: dict, check_files: bool = True, base: Path | No
             p.append(f"key 'input.{key}': {f} is a cryoDRGN pickle; set input.allow_pickle: true to read it")
         elif f and check_files and not (base / f).is_file():
             p.append(f"key 'input.{key}': file {f} does not exist")
+    if mode != "empiar" and config.get("empiar", {}).get("accession"):
+        p.append(f"key 'empiar.accession': set, but input.mode is {mode} (use input.mode empiar)")
     if check_files and inp["datadir"] and not (base / inp["datadir"]).is_dir():
         p.append(f"key 'input.datadir': folder {inp['datadir']} does not exist")
 

@@ -37,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config, sort_keys=False), end="")
     else:
         inp = config["input"]
-        source = "simulated" if inp["mode"] == "simulate" else f"{inp['mode']} {inp['path']}"
+        source = ("simulated" if inp["mode"] == "simulate"
+                  else f"empiar {config['empiar']['accession']}" if inp["mode"] == "empiar"
+                  else f"{inp['mode']} {inp['path']}")
         pilot, high = config["pilot"], config["highres"]
         zdims = ", ".join(str(z) for z in pilot["zdims"])
         print(f"{args.config}: valid ({source}; pilots zdim {zdims} at D={pilot['D']}; "

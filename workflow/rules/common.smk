@@ -9,6 +9,7 @@ from snakemake.exceptions import WorkflowError
 import drgn_core
 from drgn_core.config_check import filter_spec, validate_config
 from drgn_core.errors import DrgnError
+from drgn_core.fetch import workflow as empiar_mode
 
 
 # ---- validation: schema (with defaults filled in) and cross-field rules, at parse time --------------
@@ -31,6 +32,7 @@ except DrgnError as e:
 
 R = config["results"]
 SIMULATED = config["input"]["mode"] == "simulate"
+EMPIAR = config["input"]["mode"] == "empiar"
 GROUND_TRUTH = SIMULATED and config["validate"]["ground_truth"]
 PILOT_D = config["pilot"]["D"]
 HIGH_D = config["highres"]["D"]
@@ -102,30 +104,57 @@ def get_filtered_pilot_models(wildcards=None):
 
 
 def get_import_source(wildcards=None):
-    """The user's STAR or .cs file (input.mode star / cs)."""
+    """The user's STAR or .cs file (input.mode star / cs), or the fetched one (input.mode empiar)."""
+    if EMPIAR:
+        return empiar_mode.fetched_path(config, "particles")
     return config["input"]["path"]
 
 
 def get_import_second_files(wildcards=None):
-    """The poses / CTF files given in input.poses and input.ctf (re-import when they change)."""
-    return [
-        config["input"][key] for key in ("poses", "ctf") if config["input"].get(key)
-    ]
+    """The poses / CTF files given in input.poses and input.ctf, or fetched (input.mode empiar): the
+    import reruns when they change."""
+    return [get_second_file(key) for key in ("poses", "ctf") if get_second_file(key)]
 
 
 def get_export_source(wildcards=None):
     """The file whose rows the export subsets: the user's input, or the simulator's STAR / .cs."""
     if SIMULATED:
         return f"{SIM_DIR}/particles.{config['export']['simulated_source']}"
-    return config["input"]["path"]
+    return get_import_source()
+
+
+FETCH_DONE = f"{R}/data/fetch.done"
+
+
+def get_fetched_files():
+    """Named outputs of fetch_empiar (input.mode empiar), the particle file and any poses / CTF file.
+
+    The stacks themselves are not named (the include globs are resolved by the server's listing, at run
+    time); the import waits for the rule's flag file, which appears only when every file is complete.
+    """
+    files = {key: empiar_mode.fetched_path(config, key) for key in empiar_mode.SOURCES}
+    return {key: path for key, path in files.items() if path}
+
+
+def get_fetch_flag(wildcards=None):
+    """The fetch rule's flag file in input.mode empiar (an input of the import), else nothing."""
+    return [FETCH_DONE] if EMPIAR else []
+
+
+def get_second_file(key):
+    """The poses / ctf file `drgn import` reads besides the particle file: fetched, or input.<key>."""
+    if EMPIAR and key in get_fetched_files():
+        return get_fetched_files()[key]
+    return config["input"].get(key, "")
 
 
 def get_import_options():
     """`drgn import` flags from the input section (pixel size, box, contrast, data folder)."""
     inp = config["input"]
     opts = []
-    if inp["datadir"]:
-        opts.append(f"--datadir {shlex.quote(inp['datadir'])}")
+    datadir = empiar_mode.import_datadir(config) if EMPIAR else inp["datadir"]
+    if datadir:
+        opts.append(f"--datadir {shlex.quote(datadir)}")
     if inp["apix"] is not None:
         opts.append(f"--apix {inp['apix']}")
     if inp["box"] is not None:
@@ -134,8 +163,8 @@ def get_import_options():
         if inp.get(key) is not None:
             opts.append(f"--{key.replace('_', '-')} {inp[key]}")
     for key in ("poses", "ctf"):
-        if inp.get(key):
-            opts.append(f"--{key} {shlex.quote(inp[key])}")
+        if get_second_file(key):
+            opts.append(f"--{key} {shlex.quote(get_second_file(key))}")
     if inp.get("allow_pickle"):
         opts.append("--allow-pickle")
     if inp["invert"]:

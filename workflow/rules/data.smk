@@ -34,10 +34,35 @@ if SIMULATED:
 
 else:
 
+    if EMPIAR:
+
+        # On a cluster this runs on the submit host: compute nodes often have no internet access, and the
+        # transfer needs no compute. `drgn fetch` resumes whatever an earlier run left and re-fetches
+        # nothing complete, so rerunning this rule is cheap.
+        localrules:
+            fetch_empiar,
+
+        rule fetch_empiar:
+            output:
+                **get_fetched_files(),
+                done=touch(FETCH_DONE),
+            log:
+                "logs/fetch/fetch.log",
+            benchmark:
+                "benchmarks/fetch/fetch.tsv"
+            conda:
+                "../../envs/cpu.yaml"
+            params:
+                commands=empiar_mode.fetch_shell(config),
+                version=DRGN_VERSION,
+            shell:
+                "({params.commands}) > {log} 2>&1"
+
     rule import_particles:
         input:
             source=get_import_source,
             second=get_import_second_files,
+            fetched=get_fetch_flag,
         output:
             table=TABLE,
         log:
