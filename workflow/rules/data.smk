@@ -47,9 +47,9 @@ else:
                 **get_fetched_files(),
                 done=touch(FETCH_DONE),
             log:
-                "logs/fetch/fetch.log",
+                get_log("fetch", "fetch"),
             benchmark:
-                "benchmarks/fetch/fetch.tsv"
+                get_benchmark("fetch", "fetch")
             conda:
                 "../../envs/cpu.yaml"
             params:
