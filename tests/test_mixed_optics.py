@@ -221,8 +221,8 @@ def test_a_stack_is_checked_against_the_groups_of_its_table(tmp_path):
     t.optics.loc[1, "rlnImagePixelSize"] = 1.26
     with pytest.raises(InputError) as e:
         open_stack(out, t)
-    assert str(e.value) == (f"{out}: was made from optics group 2 at 1.25 Å/px, 64 px, but the particle table "
-                            "says 1.26 Å/px, 64 px; re-create it with drgn downsample from this table")
+    assert str(e.value) == (f"{out}: was made from optics group 2 at 1.25 Å/px, 64 px, but the particle "
+                            "table says 1.26 Å/px, 64 px; re-create it with drgn downsample from this table")
     with pytest.raises(InputError, match="optics groups disagree on the pixel size"):
         t.apix  # noqa: B018  (no single pixel size: downstream code must use the stack's)
 
