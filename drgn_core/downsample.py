@@ -133,7 +133,7 @@ def fourier_resize_real(images: torch.Tensor, D: int, window: int | None = None)
 
 
 # Limits of what resampling may hide (module docstring): see `plan_resampling`.
-RESIDUAL_LIMIT_PX = 0.1   # largest stretch ε·D/2 (px at the output's box edge) left after the windows
+RESIDUAL_LIMIT_PX = 0.25  # largest stretch ε·D/2 (px at the output's box edge) left after the windows
 RESIDUAL_GOAL_PX = 0.02   # a residual this small counts as exact: prefer the largest such window
 MAX_PAD_PX = 1            # largest Fourier pad per edge (output px beyond a group's own Nyquist)
 MAX_WINDOW_CROP = 0.05    # windows may cut at most 5 % off the smallest group's box to agree better
@@ -227,20 +227,23 @@ def plan_resampling(table: ParticleTable, D: int) -> ResamplingPlan:
     apix0 = np.array([a for _, a, _, _ in groups])
     D0 = np.array([d for _, _, d, _ in groups])
     L_min = float((apix0 * D0).min())
-    best: tuple[float, float, np.ndarray] | None = None  # (residual px, -L, windows)
+    best: tuple[tuple[bool, float, float], np.ndarray] | None = None  # (sort key, windows)
     for a in apix0:
         top = int(np.floor(L_min / a + 1e-9))
         for P in range(top, max(int(np.ceil(L_min * (1 - MAX_WINDOW_CROP) / a)), 1) - 1, -1):
             L = P * a
             win = np.minimum(D0, np.maximum(np.rint(L / apix0), 1)).astype(np.int64)
             resid = float(np.abs(win * apix0 / L - 1).max()) * D / 2
-            key = (max(resid, RESIDUAL_GOAL_PX), -L)  # below the goal, only the extent counts
-            if best is None or key < best[:2]:
-                best = (key[0], key[1], win)
+            padded = bool(((D - win) / 2 > MAX_PAD_PX).any())
+            # Windows that need no more padding than allowed first; then the smallest residual; below
+            # the goal, only the extent counts (the largest keeps the most of every image).
+            key = (padded, max(resid, RESIDUAL_GOAL_PX), -L)
+            if best is None or key < best[0]:
+                best = (key, win)
     assert best is not None
-    L = -best[1]
+    L = -best[0][2]
     plan = ResamplingPlan(D, L, tuple(GroupResampling(g, a, d, int(w), D, n)
-                                      for (g, a, d, n), w in zip(groups, best[2])))
+                                      for (g, a, d, n), w in zip(groups, best[1])))
     _check_plan(plan, table)
     return plan
 
@@ -271,7 +274,7 @@ def _check_plan(plan: ResamplingPlan, table: ParticleTable) -> None:
             f"optics groups {_describe_groups(plan)} differ in pixel size by more than -D {plan.D} can hide: "
             f"the closest whole-pixel windows ({windows} px) still leave group {worst.group} "
             f"{eps * 100:.2g} % off the common {plan.apix:.4g} Å/px, which moves the edge of a {plan.D}-px "
-            f"image by {plan.residual_px:.2g} px (limit {RESIDUAL_LIMIT_PX:g} px); use -D {d_max} or "
+            f"image by {plan.residual_px:.3g} px (limit {RESIDUAL_LIMIT_PX:g} px); use -D {d_max} or "
             "smaller", table.path)
 
 

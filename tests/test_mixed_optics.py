@@ -148,25 +148,38 @@ def test_plan_for_124_and_125_angstrom_at_a_256_box():
 
 
 def test_a_stretch_that_resampling_cannot_hide_is_refused_with_the_figures(tmp_path):
-    """At 64 px, 1.24 vs 1.25 Å: the windows 64 and 63 px leave ε = (63·1.25 − 64·1.24)/79.36 = −0.77 %,
-    16·0.0077 = 0.12 px at the edge of a 32-px image (limit 0.1 px; 13·0.0077 = 0.0996 px at 26 px)."""
-    table, _ = _table(tmp_path, [(1.24, 64), (1.25, 64)], n_per_group=1)
-    assert main(["downsample", str(table), "-D", "32", "-o", str(tmp_path / "p.mrcs")]) == 2
+    """1.0 vs 1.07 Å at 38 px, -D 38: the windows 38 and 36 px (38 / 1.07 = 35.5; 35 px would need 1.5 px of
+    padding per edge) leave ε = (36·1.07 − 38)/38 = 1.4 %, 19·0.0137 = 0.26 px at the edge of a 38-px
+    image (limit 0.25 px); at -D 36 it is 0.246 px."""
+    table, _ = _table(tmp_path, [(1.0, 38), (1.07, 38)], n_per_group=1)
+    assert main(["downsample", str(table), "-D", "38", "-o", str(tmp_path / "p.mrcs")]) == 2
     with pytest.raises(InputError) as e:
-        plan_resampling(read_table(table), 32)
+        plan_resampling(read_table(table), 38)
     assert str(e.value) == (
-        f"{table}: optics groups 1 (1.24 Å/px, 64 px, n=1), 2 (1.25 Å/px, 64 px, n=1) differ in pixel size "
-        "by more than -D 32 can hide: the closest whole-pixel windows (64, 63 px) still leave group 2 0.77 % "
-        "off the common 2.48 Å/px, which moves the edge of a 32-px image by 0.12 px (limit 0.1 px); use "
-        "-D 26 or smaller")
+        f"{table}: optics groups 1 (1 Å/px, 38 px, n=1), 2 (1.07 Å/px, 38 px, n=1) differ in pixel size by "
+        "more than -D 38 can hide: the closest whole-pixel windows (38, 36 px) still leave group 2 1.4 % off "
+        "the common 1 Å/px, which moves the edge of a 38-px image by 0.26 px (limit 0.25 px); use -D 36 or "
+        "smaller")
     assert not (tmp_path / "p.mrcs").exists() and not (tmp_path / "p.json").exists()
-    assert [g.window for g in plan_resampling(read_table(table), 26).groups] == [64, 63]
+    assert plan_resampling(read_table(table), 36).residual_px <= 0.25
+
+
+def test_124_and_125_angstrom_at_a_64_px_box_pass_at_every_size_up_to_the_box(tmp_path):
+    """Whole windows leave at most half an original pixel over the window: ε·D/2 ≤ D/(4·window) ≤ 0.25 px
+    for every -D up to the window; the 63-px window of the 1.25 Å group is padded by 0.5 px at -D 64."""
+    table, _ = _table(tmp_path, [(1.24, 64), (1.25, 64)], n_per_group=1)
+    t = read_table(table)
+    for D in range(2, 66, 2):
+        plan = plan_resampling(t, D)
+        assert plan.residual_px <= 0.25
+    assert [g.window for g in plan_resampling(t, 64).groups] == [64, 63]
+    with pytest.raises(InputError, match=r"would be Fourier-padded by 1\.5 px per edge"):
+        plan_resampling(t, 66)
 
 
 def test_a_group_asked_beyond_its_nyquist_is_refused_with_the_figures(tmp_path):
     """1.0 and 1.25 Å at 64 px: the common box is 64 Å; at -D 64 (1.0 Å/px) the 1.25 Å group's 51-px
-    window would be padded by 6.5 px per edge. 51·1.25 = 63.75 Å leaves ε 0.39 %, so the largest -D that
-    passes both limits is 50 (0.39 % · 25 = 0.098 px)."""
+    window would be padded by 6.5 px per edge; 52 px would pad it by 0.5 px."""
     table, _ = _table(tmp_path, [(1.0, 64), (1.25, 64)], n_per_group=1)
     with pytest.raises(InputError) as e:
         plan_resampling(read_table(table), 64)
@@ -174,8 +187,8 @@ def test_a_group_asked_beyond_its_nyquist_is_refused_with_the_figures(tmp_path):
         f"{table}: optics groups 1 (1 Å/px, 64 px, n=1), 2 (1.25 Å/px, 64 px, n=1) differ in pixel size "
         "by more than resampling can hide at -D 64: group 2 holds nothing finer than 2.5 Å (its Nyquist), "
         "but a 64-px stack at the common 1 Å/px reaches 2 Å, so its 51-px window would be Fourier-padded "
-        "by 6.5 px per edge (limit 1); use -D 50 or smaller")
-    assert [g.window for g in plan_resampling(read_table(table), 50).groups] == [64, 51]
+        "by 6.5 px per edge (limit 1); use -D 52 or smaller")
+    assert [g.window for g in plan_resampling(read_table(table), 52).groups] == [64, 51]
     plan = plan_resampling(read_table(table), 40)  # 64 Å = 64 × 1.0 = 51.2 × 1.25: windows 64, 51
     assert [g.window for g in plan.groups] == [64, 51] and plan.apix == pytest.approx(1.6)
 
