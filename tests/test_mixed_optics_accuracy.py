@@ -4,10 +4,11 @@ Each dataset is two sessions of one specimen made by drgnflow's simulator (`--mo
 object, `--n-atoms` and `--resolution` make the maps one structure sampled at each pixel size): session A
 (seed 1) and session B (seed 2, 1.25 Å/px). The mixed dataset takes A at 1.24 Å/px, the control the same
 A particles (same poses, CTF and noise draws) at 1.25 Å/px, so the two differ only in A's pixel size. Both
-are imported as two optics groups and downsampled 96 → 32 px: the control by the plain Fourier crop
-(3.75 Å/px), the mixed one onto its common grid (119.04 Å / 32 = 3.72 Å/px: A's whole box, B's 95-px
-window at a residual ε 2.4e-4). Back-projection at the true poses is compared by its FSC against the truth
-(0.5 crossing), training by the |Spearman ρ| of a 1-D latent against drgnGtCoord.
+are merged into one table of two optics groups, downsampled 96 → 32 px: the control by the Fourier crop
+(3.75 Å/px), the mixed one onto its common grid (119.04 Å / 32 = 3.72 Å/px: A's whole box and B's 95-px
+window, 118.75 Å, a residual ε 2.4e-3 or 0.039 px at the edge of the 32-px image). Back-projection at the
+true poses is compared by its FSC against the truth (0.5 crossing), training by the |Spearman ρ| of a
+1-D latent against drgnGtCoord.
 """
 
 from __future__ import annotations
