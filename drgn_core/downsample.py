@@ -116,8 +116,8 @@ _MATRICES: dict[tuple[int, int, int], torch.Tensor] = {}
 
 
 def fft_friendly(P: int) -> bool:
-    """An even size with no prime factor above 7: its FFT is fast (a 254-px window, 2·127, is 2.2× slower
-    through the FFT than through `resample_matrix`; 250 and 252 are 1.2× faster than the matrix)."""
+    """An even size with no prime factor above 7: its FFT crop is about as fast as `resample_matrix`'s
+    product or faster; other sizes are not (a 254-px window, 2·127, is 2× slower through the FFT)."""
     if P % 2:
         return False
     for f in (2, 3, 5, 7):
@@ -224,9 +224,8 @@ def plan_resampling(table: ParticleTable, D: int) -> ResamplingPlan:
     One pixel size and box (the usual case): nothing is cut, apix = apix0·D0/D, and D may not exceed D0.
     Several: the common extent L is the one, among L = P·apix_g for whole windows P within
     `MAX_WINDOW_CROP` of the smallest group's box, whose windows round(L/apix_h) agree best; among those
-    under `RESIDUAL_GOAL_PX` (practically exact), windows with fast FFTs (`fft_friendly`) come first, then
-    the largest L (the least cut off). 1.24 and 1.25 Å at 256 px: windows 252 and 250 px (312.5 Å, 1.6 %
-    cut off, ε 6e-5) rather than 256 and 254 (ε 1.9e-4, but 254 = 2·127 has only a slow transform).
+    under `RESIDUAL_GOAL_PX` (practically exact), the largest L (the least cut off). 1.24 and 1.25 Å at
+    256 px: windows 256 and 254 px (ε 1.9e-4, 0.012 px at the edge of a 128-px image).
     """
     check_target_size(table, D)
     groups = _groups(table)
@@ -243,7 +242,7 @@ def plan_resampling(table: ParticleTable, D: int) -> ResamplingPlan:
     apix0 = np.array([a for _, a, _, _ in groups])
     D0 = np.array([d for _, _, d, _ in groups])
     L_min = float((apix0 * D0).min())
-    best: tuple[tuple[bool, float, bool, float], np.ndarray] | None = None  # (sort key, windows)
+    best: tuple[tuple[bool, float, float], np.ndarray] | None = None  # (sort key, windows)
     for a in apix0:
         top = int(np.floor(L_min / a + 1e-9))
         for P in range(top, max(int(np.ceil(L_min * (1 - MAX_WINDOW_CROP) / a)), 1) - 1, -1):
@@ -251,15 +250,13 @@ def plan_resampling(table: ParticleTable, D: int) -> ResamplingPlan:
             win = np.minimum(D0, np.maximum(np.rint(L / apix0), 1)).astype(np.int64)
             resid = float(np.abs(win * apix0 / L - 1).max()) * D / 2
             padded = bool(((D - win) / 2 > MAX_PAD_PX).any())
-            slow = any(w != d and not fft_friendly(int(w)) for w, d in zip(win, D0))  # d: today's FFT
             # Windows that need no more padding than allowed first; then the smallest residual; below
-            # the goal, windows whose FFTs are fast (the matrix product costs 25 MFLOP per 256-px image,
-            # an FFT crop 5), then the largest extent (it keeps the most of every image).
-            key = (padded, max(resid, RESIDUAL_GOAL_PX), slow, -L)
+            # the goal, only the extent counts (the largest keeps the most of every image).
+            key = (padded, max(resid, RESIDUAL_GOAL_PX), -L)
             if best is None or key < best[0]:
                 best = (key, win)
     assert best is not None
-    L = -best[0][3]
+    L = -best[0][2]
     plan = ResamplingPlan(D, L, tuple(GroupResampling(g, a, d, int(w), D, n)
                                       for (g, a, d, n), w in zip(groups, best[1])))
     _check_plan(plan, table)

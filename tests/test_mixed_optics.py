@@ -127,10 +127,9 @@ def test_one_pixel_size_is_planned_as_before(tmp_path):
 
 
 def test_plan_for_124_and_125_angstrom_at_a_256_box():
-    """1.24 Å × 256 = 317.44 Å is the smaller box; 317.44 / 1.25 = 253.95 → a 254-px window would leave
-    ε 1.9e-4, but 254 = 2·127 has only a slow FFT. Within the 5 % allowance, 250 px × 1.25 = 312.5 Å and
-    252 px × 1.24 = 312.48 Å agree to ε = 0.02 / 312.5 = 6.4e-5 (0.004 px at the edge of a 128-px image),
-    with FFT-friendly windows: that is the plan."""
+    """1.24 Å × 256 = 317.44 Å is the smaller box; 317.44 / 1.25 = 253.95 → a 254-px window, 317.5 Å:
+    ε = 0.06 / 317.44 = 1.9e-4, 0.012 px at the edge of a 128-px image — below the 0.02 px goal, so nothing
+    more is cut off."""
     import pandas as pd
 
     from drgn_core.io.table import ParticleTable
@@ -139,12 +138,11 @@ def test_plan_for_124_and_125_angstrom_at_a_256_box():
                            "rlnImageSize": [256, 256]})
     t = ParticleTable(pd.DataFrame({"rlnOpticsGroup": [1, 2, 2]}), optics)
     plan = plan_resampling(t, 128)
-    assert [g.window for g in plan.groups] == [252, 250] and [g.n for g in plan.groups] == [1, 2]
-    assert plan.apix == pytest.approx(312.5 / 128, rel=1e-12)
-    assert plan.groups[0].apix == pytest.approx(312.48 / 128, rel=1e-12)
-    assert plan.residual_px == pytest.approx(0.02 / 312.5 * 64, rel=1e-9)
-    assert [g.scale for g in plan.groups] == [128 / 252, 128 / 250]
-    # At 128 px (159 Å) the whole 1.24 Å box and a 127-px window (158.75 Å): ε 1.9e-4, 0.003 px at 32 px.
+    assert [g.window for g in plan.groups] == [256, 254] and [g.n for g in plan.groups] == [1, 2]
+    assert plan.apix == pytest.approx(317.44 / 128, rel=1e-12)
+    assert plan.groups[1].apix == pytest.approx(317.5 / 128, rel=1e-12)
+    assert plan.residual_px == pytest.approx(0.06 / 317.44 * 64, rel=1e-9)
+    # At 128 px (159 Å) the best whole windows are 128 and 127 (158.75 Å): ε 1.9e-4 again.
     t.optics["rlnImageSize"] = [128, 128]
     assert [g.window for g in plan_resampling(t, 32).groups] == [128, 127]
 
