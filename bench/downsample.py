@@ -9,7 +9,10 @@ sessions; `--interleave` alternates them row by row instead), so the per-group r
 1.25 Å group's 254-px window goes through the resampling matrix, the 1.24 Å group through the FFT crop.
 
 Run: .venv/bin/python bench/downsample.py [--n 2000] [--D0 256] [--D 128] [--threads 2] [--workdir DIR]
-         [--apix 1.24,1.25] [--interleave] [--repeat 1]
+         [--apix 1.24,1.25] [--interleave] [--repeat 1] [--kernel]
+--kernel times only the in-memory resampling of 128 images per window size the plan uses (the FFT crop
+of the whole box, or the window's FFT crop or matrix product), interleaved 30 times, best CPU time: on a
+shared machine the end-to-end figures scatter by 2×, this much less.
 The code measured is whichever drgn_core is on PYTHONPATH, so the same script times another version
 (e.g. an exported older commit) for comparison.
 """
@@ -59,6 +62,23 @@ def make_table(root: Path, n: int, D0: int, seed: int = 0, apix: tuple[float, ..
     return table
 
 
+def kernel(table, D: int, batch: int = 128, rounds: int = 30) -> dict[str, float]:
+    """Best CPU-time images/s of the resampling alone, per window of the table's plan."""
+    from drgn_core.downsample import fourier_resize_real, plan_resampling
+
+    torch.set_num_threads(1)
+    plan = plan_resampling(table, D)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(
+        (batch, plan.groups[0].D0, plan.groups[0].D0), dtype=np.float32))
+    best = {g.window: np.inf for g in plan.groups}
+    for _ in range(rounds):
+        for w in best:
+            c0 = time.process_time()
+            fourier_resize_real(x, D, w)
+            best[w] = min(best[w], time.process_time() - c0)
+    return {f"window_{w}": round(batch / t, 1) for w, t in best.items()}
+
+
 def _groups(n: int, k: int, interleave: bool) -> np.ndarray:
     """Optics group (1..k) of each row: consecutive blocks, or row by row."""
     if interleave:
@@ -79,6 +99,7 @@ def main() -> None:
     ap.add_argument("--apix", default="1.0", help="pixel size of each optics group, e.g. 1.24,1.25")
     ap.add_argument("--interleave", action="store_true", help="alternate the groups row by row")
     ap.add_argument("--repeat", type=int, default=1, help="time each dtype this often; report the best")
+    ap.add_argument("--kernel", action="store_true", help="also time the in-memory resampling alone")
     args = ap.parse_args()
     apix = tuple(float(a) for a in args.apix.split(","))
     result = {"benchmark": "drgn downsample", "n": args.n, "D0": args.D0, "D": args.D,
@@ -105,6 +126,8 @@ def main() -> None:
             meta = json.loads((root / "p.float32.0.json").read_text())
             result["windows"] = [g["window"] for g in meta["groups"]]
             result["common_apix"] = meta["apix"]
+    if args.kernel:
+        result["kernel_images_per_cpu_s"] = kernel(table, args.D)
     result["torch"] = torch.__version__
     print(json.dumps(result, indent=1))
 

@@ -14,15 +14,17 @@ L = P_g·apix_g. P_g must be a whole number, so `plan_resampling` searches the e
 (a relative pixel-size residual ε) is recorded and bounded:
 
 - ε stretches a group's images about the box centre by ε, which moves a feature at the edge of the D-pixel
-  output by ε·D/2 px. Up to `RESIDUAL_LIMIT_PX` (a tenth of a pixel: a phase error of at most π/10 at the
-  output's Nyquist) this is below what any reconstruction resolves; beyond it we refuse, with the figures
-  and the largest -D that would pass. Boxes of a few hundred pixels always pass at 1 % spreads;
-  64-px boxes cannot hide 1.24 vs 1.25 Å at D = 32 (ε 0.8 %, 0.12 px).
+  output by ε·D/2 px, a phase error of π·ε·D/2 at the output's Nyquist. `RESIDUAL_LIMIT_PX` is a quarter
+  pixel (a phase error of at most π/4 at Nyquist, at the box edge; less inside the particle). Rounding a
+  window to a whole pixel leaves at most half an original pixel over the window, so ε·D/2 ≤ D/(4·P_g):
+  within the limit whenever D ≤ P_g. The limit is met only by -D at or just above a window (allowed by
+  the pad limit below); it is refused with the figures and the largest -D that passes.
 - A group whose window is smaller than D would be Fourier-padded: the output would ask it for
   frequencies beyond its own Nyquist, which it does not hold. Up to `MAX_PAD_PX` per edge (the outermost
   ring of the output's spectrum, where the CTF envelope has left no signal) is allowed; more is refused,
   with the largest -D that needs no more. This is the limit that a wide spread in pixel size meets: a
-  coarser group cannot be made as fine as a finer one.
+  coarser group cannot be made as fine as a finer one. 1.24 and 1.25 Å/px pass at every -D up to the box
+  for boxes up to 256 px, and up to box − 2 px beyond (the 1.25 Å group's window is smaller by 1 %).
 
 Real-space windows only ever crop (L never exceeds a group's box), so no group is padded with invented
 pixels. The stack's JSON sidecar records, per group, the original pixel size and box, the window, the
