@@ -91,7 +91,7 @@ def test_mixed_sessions_back_project_as_well_as_one_pixel_size(tmp_path):
 def test_mixed_sessions_train_as_well_as_one_pixel_size(tmp_path):
     from scipy.stats import spearmanr
 
-    data = _datasets(tmp_path, "continuous", n=1500, snr=1.0)
+    data = _datasets(tmp_path, "continuous", n=1200, snr=1.0)
     rho = {}
     for kind in ("mixed", "control"):
         run = tmp_path / f"run_{kind}"
