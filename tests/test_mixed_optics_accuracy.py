@@ -91,6 +91,9 @@ def test_mixed_sessions_back_project_as_well_as_one_pixel_size(tmp_path):
 def test_mixed_sessions_train_as_well_as_one_pixel_size(tmp_path):
     from scipy.stats import spearmanr
 
+    from drgn_core.io.stack import open_stack
+    from drgn_core.models import load_model
+
     data = _datasets(tmp_path, "continuous", n=1200, snr=1.0)
     rho = {}
     for kind in ("mixed", "control"):
@@ -101,6 +104,9 @@ def test_mixed_sessions_train_as_well_as_one_pixel_size(tmp_path):
                      "--seed", "0"]) == 0
         z = np.load(run / "z.npy")[:, 0]
         rho[kind] = abs(spearmanr(z, read_table(data[kind]).gt("drgnGtCoord")).statistic)
+        # The model (and every volume decoded from it) carries the stack's one pixel size.
+        assert load_model(run)[1].apix == pytest.approx(open_stack(data[f"{kind}_stack"]).apix)
+    assert open_stack(data["mixed_stack"]).apix == pytest.approx(119.04 / D)
     print("|Spearman rho|:", rho)
     assert rho["mixed"] >= rho["control"] - 0.05, rho
     assert rho["control"] >= 0.5, rho  # the control learns the motion at all, or the comparison says nothing
