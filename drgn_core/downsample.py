@@ -42,6 +42,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -49,6 +50,9 @@ import torch
 from drgn_core.errors import InputError
 from drgn_core.io.stack import ParticleStack, open_stack, sidecar_dict, sidecar_path, write_sidecar
 from drgn_core.io.table import ParticleTable
+
+if TYPE_CHECKING:
+    from drgn_core.io.images import ImageSource
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 FFT_BATCH = 256  # images per FFT call
@@ -336,11 +340,10 @@ def downsample_table(table: ParticleTable, D: int, out: str | os.PathLike, chunk
                     for start in range(0, len(table), chunk):
                         rows = np.arange(start, min(start + chunk, len(table)))
                         codes = row_group[rows]
-                        parts = ([(0, rows)] if codes[0] == codes[-1] and (codes == codes[0]).all()
-                                 else [(k, rows[codes == k]) for k in np.unique(codes)])
-                        for k, part in parts:
-                            g = plan.groups[int(codes[0]) if len(parts) == 1 else int(k)]
-                            _resample_rows(src, part, g, mrc.data, stats, float16, table)
+                        uniform = bool((codes == codes[0]).all())  # one group: one read, as before
+                        for k in ([codes[0]] if uniform else np.unique(codes)):
+                            part = rows if uniform else rows[codes == k]
+                            _resample_rows(src, part, plan.groups[int(k)], mrc.data, stats, float16, table)
                         bar.update(len(rows))
                 stats.write_header(mrc.header)
             finally:
@@ -359,8 +362,8 @@ def downsample_table(table: ParticleTable, D: int, out: str | os.PathLike, chunk
     return open_stack(out)
 
 
-def _resample_rows(src, rows: np.ndarray, g: GroupResampling, data: np.ndarray, stats: _RunningStats,
-                   float16: bool, table: ParticleTable) -> None:
+def _resample_rows(src: ImageSource, rows: np.ndarray, g: GroupResampling, data: np.ndarray,
+                   stats: _RunningStats, float16: bool, table: ParticleTable) -> None:
     """Read table `rows` (one optics group), window, Fourier-resize to D and store them in `data`."""
     images = src.read(rows)
     contiguous = len(rows) and rows[-1] - rows[0] == len(rows) - 1
@@ -378,8 +381,8 @@ def _resample_rows(src, rows: np.ndarray, g: GroupResampling, data: np.ndarray, 
         stats.add(small)
 
 
-def _check_images(small: np.ndarray, original: np.ndarray, rows: np.ndarray, src, table: ParticleTable
-                  ) -> None:
+def _check_images(small: np.ndarray, original: np.ndarray, rows: np.ndarray, src: ImageSource,
+                  table: ParticleTable) -> None:
     """Stop at the first NaN, infinite or all-zero image, naming the user's stack and its 1-based number.
 
     Tested on the (smaller) output: a NaN or infinity anywhere in an image spreads over its whole Fourier
