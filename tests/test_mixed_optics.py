@@ -275,3 +275,31 @@ def test_bad_images_are_named_by_their_original_stack_and_number(tmp_path, capsy
     assert err == (f"drgn downsample: error: {stack}: image 3 {what} (particle table row 5, 0-based); remove "
                    "that particle from the table, or repair the stack")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["particles.star", "stacks", "table.star"]
+
+
+def test_stacks_of_one_optics_group_must_share_a_box(tmp_path, capsys):
+    """Groups may differ in box; the stacks of one group may not (the message names them)."""
+    from helpers_io import default_optics
+
+    for k, box in enumerate((8, 10)):
+        write_stack(tmp_path / "stacks" / f"s{k}.mrcs", np.ones((2, box, box)), 2.0)
+    names = [f"{i + 1:06d}@stacks/s{k}.mrcs" for k in range(2) for i in range(2)]
+    star = tmp_path / "particles.star"
+    star.write_text(star_text(default_particles(names, np.random.default_rng(0)), default_optics(8, 2.0)))
+    assert main(["import", str(star), "-o", str(tmp_path / "t.star")]) == 2
+    err = capsys.readouterr().err
+    assert ("stacks have different image sizes: 8×8 (stacks/s0.mrcs), 10×10 (stacks/s1.mrcs); drgnflow needs "
+            "one box size per optics group") in err
+    assert not (tmp_path / "t.star").exists()
+
+
+def test_cs_blob_shape_gives_each_optics_group_its_box():
+    from drgn_core.io.cs import _box_per_group
+
+    d = {"blob/shape": np.array([[64, 64], [60, 60], [64, 64]], dtype=np.uint32)}
+    problems: list[str] = []
+    assert _box_per_group(d, {"blob/shape"}, np.array([1, 2, 1]), 2, problems).tolist() == [64, 60]
+    assert problems == []
+    _box_per_group(d, {"blob/shape"}, np.array([1, 1, 1]), 1, problems)
+    assert problems == ["blob/shape differs between particles of one optics group (64×64, 60×60); drgnflow "
+                        "needs one box size per optics group"]
