@@ -187,34 +187,48 @@ def validate_table(table: ParticleTable, problems: list[str], box: int | None = 
             problems.append(f"row {rows[0]}: {_describe_image(table, int(rows[0]))} but "
                             f"{refs.iloc[rows[0]]} holds {counts[k]} images{more}")
 
-    # One square, even box, agreeing with the metadata and --box.
-    if len(shapes) > 1:
-        desc = ", ".join(f"{ny}×{nx} ({refs.iloc[first_row[ks[0]]]}"
-                         + (f" and {len(ks) - 1} more stacks)" if len(ks) > 1 else ")")
-                         for (ny, nx), ks in shapes.items())
-        problems.append(f"stacks have different image sizes: {desc}; drgnflow needs one box size")
-    elif shapes:
-        (ny, nx), = shapes
-        ref = refs.iloc[first_row[shapes[(ny, nx)][0]]]
+    # One square, even box per optics group, agreeing with the metadata and --box. Groups may differ in
+    # box (merged sessions); drgn downsample brings them to one.
+    pairs = pd.DataFrame({"k": codes, "g": p["rlnOpticsGroup"].to_numpy()}).drop_duplicates()
+    stacks_of = pairs.groupby("g")["k"].apply(list).to_dict()  # optics group → its stacks
+    shape_of = {k: sh for sh, ks in shapes.items() for k in ks}
+    sizes = table.optics["rlnImageSize"].to_numpy().copy()
+    for gi, g in enumerate(table.optics["rlnOpticsGroup"].to_numpy()):
+        group_shapes: dict[tuple[int, int], list[int]] = {}
+        for k in stacks_of.get(g, []):
+            if k in shape_of:
+                group_shapes.setdefault(shape_of[k], []).append(k)
+        if not group_shapes:
+            continue
+        where = f" in optics group {g}" if len(table.optics) > 1 else ""
+        if len(group_shapes) > 1:
+            desc = ", ".join(f"{ny}×{nx} ({refs.iloc[first_row[ks[0]]]}"
+                             + (f" and {len(ks) - 1} more stacks)" if len(ks) > 1 else ")")
+                             for (ny, nx), ks in group_shapes.items())
+            problems.append(f"stacks{where} have different image sizes: {desc}; drgnflow needs one box "
+                            "size per optics group")
+            continue
+        (ny, nx), = group_shapes
+        ref = refs.iloc[first_row[group_shapes[(ny, nx)][0]]]
         if ny != nx:
             problems.append(f"stack {ref} holds {ny}×{nx} images; drgnflow needs square images")
         elif nx % 2:
             problems.append(f"box size {nx} (stack {ref}) is odd; drgnflow needs an even box "
                             "(re-extract or crop the particles to an even size)")
         if box is not None and box != nx:
-            problems.append(f"--box {box} but the stacks hold {ny}×{nx} images")
-        sizes = table.optics["rlnImageSize"].to_numpy()
-        for g, s in zip(table.optics["rlnOpticsGroup"], sizes):
-            if s and int(s) != nx:
-                problems.append(f"optics group {g} says the box is {int(s)} but the stacks hold "
-                                f"{ny}×{nx} images")
-        table.optics["rlnImageSize"] = np.where(sizes > 0, sizes, nx).astype(np.int64)
+            problems.append(f"--box {box} but the stacks{where} hold {ny}×{nx} images")
+        if sizes[gi] and int(sizes[gi]) != nx:
+            problems.append(f"optics group {g} says the box is {int(sizes[gi])} but the stacks hold "
+                            f"{ny}×{nx} images")
+        sizes[gi] = sizes[gi] if sizes[gi] > 0 else nx
+    table.optics["rlnImageSize"] = sizes.astype(np.int64)
 
     _check_values(table, problems)
 
 
 def _check_values(table: ParticleTable, problems: list[str]) -> None:
-    """Finite poses/shifts/CTF, physical optics values, one pixel size."""
+    """Finite poses/shifts/CTF, physical optics values. Optics groups may differ in pixel size (merged
+    sessions): drgn downsample brings them to one, or says why it cannot."""
     p, o = table.particles, table.optics
     is_cs = table.provenance.get("source_format") == "cs"
 
@@ -232,10 +246,6 @@ def _check_values(table: ParticleTable, problems: list[str]) -> None:
     if not np.isnan(px).all():  # all-NaN: the reader already said the pixel size is missing
         if not (np.isfinite(px) & (px > 0)).all():
             problems.append(f"pixel size {px.tolist()} Å is not a positive number")
-        elif len(np.unique(np.round(px, 6))) > 1:
-            sizes = sorted(set(np.round(px, 6).tolist()))
-            problems.append(f"optics groups have different pixel sizes ({sizes} Å); drgnflow needs one "
-                            "pixel size per dataset")
     checks = (("rlnVoltage", lambda v: v > 0, "voltage (kV) must be positive"),
               ("rlnAmplitudeContrast", lambda v: (v >= 0) & (v < 1), "amplitude contrast must be in [0, 1)"),
               ("rlnSphericalAberration", np.isfinite, "Cs must be a finite number"))
@@ -270,12 +280,14 @@ def find_nonfinite_images(table: ParticleTable, chunk_size: int = 1000) -> list[
     src = ImageSource(table)
     bad_rows: list[np.ndarray] = []
     with tqdm(total=len(table), desc="checking images for NaN", unit="img", leave=False) as bar:
-        for start, images in src.chunks(chunk_size):
-            ok = np.isfinite(images).all(axis=(1, 2))
-            bad_rows.append(start + np.flatnonzero(~ok))
-            bar.update(len(images))
+        for box in np.unique(src.boxes):  # one read per box size (optics groups may differ)
+            rows = np.flatnonzero(src.boxes == box)
+            for start, images in src.chunks(chunk_size, rows):
+                ok = np.isfinite(images).all(axis=(1, 2))
+                bad_rows.append(rows[start + np.flatnonzero(~ok)])
+                bar.update(len(images))
     src.close()
-    rows = np.concatenate(bad_rows) if bad_rows else np.zeros(0, dtype=np.int64)
+    rows = np.sort(np.concatenate(bad_rows)) if bad_rows else np.zeros(0, dtype=np.int64)
     if not len(rows):
         return []
     name = table.particles["rlnImageName"].iloc[int(rows[0])]  # N@stack (built from blob/* for a .cs)
@@ -301,6 +313,8 @@ def summary(table: ParticleTable, source: str | os.PathLike) -> str:
                    f"{table.provenance['poses_matched_by']}.")
     if table.provenance.get("ctf_source"):
         second += f" CTF from {table.provenance['ctf_source']}, rows matched by order."
-    return (f"Imported {len(table)} particles from {source} ({fmt}): box {table.box} px at "
-            f"{table.apix:g} Å/px, {len(o)} optics group{'s' if len(o) != 1 else ''} ({groups}), "
+    kinds = sorted({(int(d), round(float(a), 6)) for d, a in zip(o["rlnImageSize"], o["rlnImagePixelSize"])})
+    sampling = " / ".join(f"box {d} px at {a:g} Å/px" for d, a in kinds)
+    return (f"Imported {len(table)} particles from {source} ({fmt}): {sampling}, "
+            f"{len(o)} optics group{'s' if len(o) != 1 else ''} ({groups}), "
             f"{n_stacks} stack{'s' if n_stacks != 1 else ''}; {contrast}.{second}")

@@ -92,6 +92,10 @@ class SimConfig:
     n_atoms: int | None = None  # procedural model size; default 3000, fewer if the box is too small
     model_path: str | None = None  # PDB/mmCIF source instead of the procedural model
     seed: int = 0
+    # Seed of the object alone (default: `seed`). Two sessions of one specimen share the object but not
+    # the particles: simulate each with its own --seed, one --model-seed, its own --apix, and the same
+    # --n-atoms and --resolution, so the maps are one structure sampled at each pixel size.
+    model_seed: int | None = None
     write_clean: bool = False
 
     @property
@@ -543,6 +547,8 @@ def _run(cfg: SimConfig, outdir: Path, progress: bool) -> dict:
     cfg.validate()
     _check_outdir(outdir, cfg)
     s_model, s_particles, s_junk, s_noise, s_uid = np.random.SeedSequence(cfg.seed).spawn(5)
+    if cfg.model_seed is not None:  # the same child stream as --seed MODEL_SEED would give the object
+        s_model = np.random.SeedSequence(cfg.model_seed).spawn(5)[0]
     gt = build_ground_truth(cfg, s_model)
     parts = draw_particles(cfg, np.random.default_rng(s_particles))
     ctf = parts.ctf_params(cfg)

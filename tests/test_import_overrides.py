@@ -128,10 +128,13 @@ def _import_options(config: dict) -> str:
     import shlex
 
     text = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / "common.smk").read_text()
-    start = text.index("def get_import_options")
-    source = text[start:text.index("\ndef ", start + 1)]
-    scope = {"config": config, "shlex": shlex}
-    exec(source, scope)
+    from drgn_core.fetch import workflow as empiar_mode
+
+    scope = {"config": config, "shlex": shlex, "empiar_mode": empiar_mode,
+             "EMPIAR": config["input"]["mode"] == "empiar"}
+    for name in ("get_second_file", "get_import_options"):
+        start = text.index(f"def {name}")
+        exec(text[start:text.index("\ndef ", start + 1)], scope)
     return scope["get_import_options"]()
 
 

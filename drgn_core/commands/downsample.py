@@ -13,6 +13,12 @@ records D, apix, the original D0 and apix0, and the table it came from. Images s
 memory stays bounded; the stack appears only when complete. -D equal to the original box copies the
 images with their sign applied.
 
+Optics groups with different pixel sizes and/or boxes (merged sessions) are each cut to a centred window
+of the same physical size and Fourier-cropped to D, so the stack has one pixel size; the sidecar lists
+what was done per group. Spreads that this cannot hide at the asked -D (a visible stretch, or a group
+asked for detail beyond its own Nyquist) are refused with the figures and the largest -D that works.
+NaN, infinite or all-zero images stop the run, naming the stack and the image's 1-based number.
+
 Example:
   drgn downsample work/table.star -D 128 -o work/particles.128.mrcs --float16
 """
@@ -37,6 +43,12 @@ def run(args: argparse.Namespace) -> int:
     table = read_table(args.table)
     stack = downsample_table(table, args.D, args.output, chunk=args.chunk, float16=args.float16,
                              max_threads=args.max_threads)
+    if stack.groups:
+        origin = "; ".join(f"optics group {g['optics_group']}: {g['n']} images of {g['D0']} px at "
+                           f"{g['apix0']:g} Å/px, window {g['window']} px, scale {g['scale']:.4g}"
+                           for g in stack.groups)
+    else:
+        origin = f"{stack.D0} px at {stack.apix0:g} Å/px"
     print(f"Wrote {args.output}: {stack.n} images of {stack.D}×{stack.D} px at {stack.apix:g} Å/px "
-          f"(from {stack.D0} px at {stack.apix0:g} Å/px), {stack.dtype}.")
+          f"(from {origin}), {stack.dtype}.")
     return 0

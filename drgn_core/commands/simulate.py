@@ -84,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="residues of the procedural model (default 3000, fewer if the box is too small)")
     g.add_argument("--resolution", type=float, metavar="Å",
                    help="resolution of the ground-truth maps (default 2 x apix)")
+    g.add_argument("--model-seed", type=int, metavar="S",
+                   help="seed of the object alone (default --seed): sessions of one specimen at different "
+                        "pixel sizes share it, with the same --n-atoms and --resolution")
     g = parser.add_argument_group("imaging")
     g.add_argument("--shift-max", type=float, default=d.shift_max_px, metavar="PX",
                    help=f"in-plane shifts uniform in ±PX pixels (default {d.shift_max_px:g})")
@@ -118,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
         junk_kinds=args.junk_kinds, shift_max_px=args.shift_max, defocus_min=args.defocus[0],
         defocus_max=args.defocus[1], astigmatism=args.astigmatism, voltage_kv=args.voltage, cs_mm=args.cs,
         amp_contrast=args.amp_contrast, bfactor=args.bfactor, resolution=args.resolution,
-        n_atoms=args.n_atoms, model_path=args.model, seed=args.seed, write_clean=args.write_clean,
+        n_atoms=args.n_atoms, model_path=args.model, seed=args.seed, model_seed=args.model_seed,
+        write_clean=args.write_clean,
     )
     s = run_simulation(cfg, args.outdir, progress=not args.quiet, threads=args.threads)
     junk = ", ".join(f"{k} {v}" for k, v in s["junk_counts"].items() if v) or "none"

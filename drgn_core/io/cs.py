@@ -257,11 +257,16 @@ def _box_per_group(d, fields: set[str], group: np.ndarray, n_groups: int, probs:
     if "blob/shape" not in fields or not len(group):
         return np.zeros(n_groups, dtype=np.int64)
     shape = np.asarray(d["blob/shape"], dtype=np.int64).reshape(len(group), -1)
-    boxes = np.unique(shape, axis=0)
-    if len(boxes) > 1:
-        probs.append("blob/shape differs between particles ("
-                     + ", ".join("×".join(map(str, b)) for b in boxes[:5]) + "); drgnflow needs one box size")
-    return np.full(n_groups, int(shape[0, -1]), dtype=np.int64)
+    # Groups may differ in box (merged sessions; drgn downsample brings them to one), not within a group.
+    pairs = pd.DataFrame({"g": group, "y": shape[:, 0], "x": shape[:, -1]}).drop_duplicates()
+    mixed = pairs[pairs.duplicated("g", keep=False)]
+    if len(mixed):
+        probs.append("blob/shape differs between particles of one optics group ("
+                     + ", ".join(f"{y}×{x}" for y, x in zip(mixed["y"][:5], mixed["x"][:5]))
+                     + "); drgnflow needs one box size per optics group")
+    box = np.zeros(n_groups, dtype=np.int64)
+    box[pairs["g"].to_numpy() - 1] = pairs["x"].to_numpy()
+    return box
 
 
 # ---- writing ---------------------------------------------------------------------------------------

@@ -33,7 +33,13 @@ class ImageSource:
         self.paths = [str(p) for p in uniq]
         self.indices = table.stack_indices()
         self.signs = table.image_signs().astype(np.float32)
-        self.box = table.box
+        # Optics groups may differ in box (merged sessions): each row has its group's box, each stack the
+        # box of its first row; `read` serves rows of one box at a time.
+        self.boxes = table.box_sizes()
+        sizes = np.unique(self.boxes)
+        self.box = int(sizes[0]) if len(sizes) == 1 else None
+        _, first = np.unique(self.codes, return_index=True)  # codes are 0..len(paths)-1, in order
+        self._stack_box = self.boxes[first]
         self.max_open = max_open
         self._open: OrderedDict[int, np.ndarray] = OrderedDict()
 
@@ -50,9 +56,10 @@ class ImageSource:
         data, _ = read_mrc(self.paths[code], mmap=True)
         if data.ndim == 2:
             data = data[None]
-        if data.shape[-2:] != (self.box, self.box):
+        box = int(self._stack_box[code])
+        if data.shape[-2:] != (box, box):
             raise InputError(f"holds {data.shape[-2]}×{data.shape[-1]} images but the particle table says "
-                             f"{self.box}×{self.box}", self.paths[code])
+                             f"{box}×{box}", self.paths[code])
         self._open[code] = data
         if len(self._open) > self.max_open:
             self._open.popitem(last=False)
@@ -72,13 +79,22 @@ class ImageSource:
             out[order] = data[idx[order]]  # sorted fancy indexing touches each page once
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        """float32 (len(rows), D0, D0) images of table `rows`, in the order given, sign applied."""
+        """float32 (len(rows), D0, D0) images of table `rows`, in the order given, sign applied.
+
+        The rows must share one box D0 (always so unless optics groups differ in box)."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         n = len(self)
         if rows.size and (rows.min() < 0 or rows.max() >= n):
             raise InputError(f"row out of range: the table has {n} rows, asked for "
                              f"{rows.min()}..{rows.max()}", self.table.path)
-        out = np.empty((len(rows), self.box, self.box), dtype=np.float32)
+        box = self.box
+        if box is None:
+            sizes = np.unique(self.boxes[rows])
+            if len(sizes) > 1:
+                raise ValueError(f"rows of optics groups with different boxes {sizes.tolist()} cannot share "
+                                 "one array; read them group by group")
+            box = int(sizes[0]) if len(sizes) else 0
+        out = np.empty((len(rows), box, box), dtype=np.float32)
         codes = self.codes[rows]
         if rows.size and np.all(codes == codes[0]):
             self._read_from(int(codes[0]), self.indices[rows], out)
@@ -86,7 +102,7 @@ class ImageSource:
             order = np.argsort(codes, kind="stable")
             bounds = np.flatnonzero(np.diff(codes[order])) + 1
             for group in np.split(order, bounds):
-                buf = np.empty((len(group), self.box, self.box), dtype=np.float32)
+                buf = np.empty((len(group), box, box), dtype=np.float32)
                 self._read_from(int(codes[group[0]]), self.indices[rows[group]], buf)
                 out[group] = buf
         out *= self.signs[rows][:, None, None]

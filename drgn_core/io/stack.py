@@ -9,6 +9,14 @@ original box and pixel size it came from, so `drgn downsample` writes ``particle
 
 `open_stack` checks the sidecar against the MRC header, so a stack replaced by hand (or a sidecar left
 over from another run) is caught before training on mismatched data.
+
+When the table's optics groups differ in pixel size or box, `drgn downsample` resamples each onto the
+common grid and the sidecar also lists what it did per group (`drgn_core.downsample.plan_resampling`):
+
+    "groups": [{"optics_group": 1, "apix0": 1.24, "D0": 256, "window": 256, "scale": 0.5,
+                "apix": 2.48, "residual": 0.0, "n": 5000}, …], "extent_A": 317.44
+
+"apix" is then the one pixel size of every image in the stack, and D0/apix0 are the largest group's.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ class ParticleStack:
     images: np.ndarray            # read-only memory map (n, D, D)
     table: str | None = None      # the table the stack was made from (absolute path), when known
     table_sha256: str | None = None
+    groups: list[dict] | None = None  # per optics group resampling, when the groups differed (see above)
 
     def __len__(self) -> int:
         return self.n
@@ -121,7 +130,7 @@ def open_stack(path: str | os.PathLike, table: ParticleTable | None = None) -> P
         if problems:
             raise InputError("; ".join(problems) + "; re-create it with drgn downsample", path)
         stack = ParticleStack(path, nx, float(meta["apix"]), int(meta["D0"]), float(meta["apix0"]), n,
-                              str(data.dtype), data, meta["table"], meta["table_sha256"])
+                              str(data.dtype), data, meta["table"], meta["table_sha256"], meta.get("groups"))
     elif table is not None:
         if nx != table.box:
             raise InputError(f"has no sidecar {side.name} and its box {nx} differs from the particle table's "
@@ -140,11 +149,28 @@ def _check_against_table(stack: ParticleStack, table: ParticleTable) -> None:
     problems = []
     if stack.n != len(table):
         problems.append(f"holds {stack.n} images but the particle table has {len(table)} rows")
-    if stack.D0 != table.box:
-        problems.append(f"was made from {stack.D0}-pixel images but the particle table's box is {table.box}")
-    if abs(stack.apix0 - table.apix) > 1e-4 * table.apix:
-        problems.append(f"was made from images of {stack.apix0} Å/px but the particle table says "
-                        f"{table.apix} Å/px")
+    o = table.optics
+    used = set(np.unique(table.particles["rlnOpticsGroup"].to_numpy()).tolist())
+    table_groups = {int(g): (float(a), int(d)) for g, a, d in
+                    zip(o["rlnOpticsGroup"], o["rlnImagePixelSize"], o["rlnImageSize"]) if g in used}
+    kinds = {(round(a, 6), d) for a, d in table_groups.values()}
+    if stack.groups is not None or len(kinds) > 1:
+        for rec in stack.groups or []:
+            a, d = table_groups.get(int(rec["optics_group"]), (np.nan, -1))
+            if d != int(rec["D0"]) or not abs(a - float(rec["apix0"])) <= 1e-4 * float(rec["apix0"]):
+                problems.append(f"was made from optics group {rec['optics_group']} at {rec['apix0']:g} Å/px, "
+                                f"{rec['D0']} px, but the particle table says "
+                                + (f"{a:g} Å/px, {d} px" if d >= 0 else "no such group"))
+        if stack.groups is None:
+            problems.append("was made from one pixel size and box, but the particle table's optics groups "
+                            "differ in them")
+    else:
+        (apix0, D0), = kinds or {(stack.apix0, stack.D0)}
+        if stack.D0 != D0:
+            problems.append(f"was made from {stack.D0}-pixel images but the particle table's box is {D0}")
+        if abs(stack.apix0 - apix0) > 1e-4 * apix0:
+            problems.append(f"was made from images of {stack.apix0} Å/px but the particle table says "
+                            f"{apix0} Å/px")
     if problems:
         raise InputError("; ".join(problems) + "; re-create it with drgn downsample from this table",
                          stack.path)

@@ -80,21 +80,34 @@ class ParticleTable:
 
     @property
     def box(self) -> int:
-        """Box size D0 of the original images (one value for the whole table)."""
+        """Box size D0 of the original images (one value for the whole table).
+
+        Tables whose optics groups differ in box (merged sessions) have no single D0: per-row code uses
+        `box_sizes()`, and everything after `drgn downsample` uses the stack's common box.
+        """
         sizes = np.unique(self.optics["rlnImageSize"].to_numpy())
         if len(sizes) != 1:
-            raise InputError(f"optics groups disagree on the box size ({sorted(sizes.tolist())}); "
-                             "drgnflow needs one box size per dataset", self.path)
+            raise InputError(f"optics groups disagree on the box size ({sorted(sizes.tolist())} px); use a "
+                             "stack made by drgn downsample, which brings every group to one box", self.path)
         return int(sizes[0])
 
     @property
     def apix(self) -> float:
-        """Pixel size (Å) of the original images (one value for the whole table)."""
+        """Pixel size (Å) of the original images (one value for the whole table); see `box`."""
         px = np.unique(np.round(self.optics["rlnImagePixelSize"].to_numpy(dtype=float), 6))
         if len(px) != 1:
-            raise InputError(f"optics groups disagree on the pixel size ({sorted(px.tolist())} Å); "
-                             "drgnflow needs one pixel size per dataset", self.path)
+            raise InputError(f"optics groups disagree on the pixel size ({sorted(px.tolist())} Å); use a "
+                             "stack made by drgn downsample, which brings every group to one pixel size",
+                             self.path)
         return float(px[0])
+
+    def box_sizes(self) -> np.ndarray:
+        """(N,) int64 original box of each particle (its optics group's rlnImageSize)."""
+        return self._optics_per_particle("rlnImageSize").astype(np.int64)
+
+    def pixel_sizes(self) -> np.ndarray:
+        """(N,) float64 original pixel size (Å) of each particle (its optics group's rlnImagePixelSize)."""
+        return self._optics_per_particle("rlnImagePixelSize").astype(np.float64)
 
     # ---- poses, shifts, CTF ------------------------------------------------------------------------
     def euler(self) -> np.ndarray:
