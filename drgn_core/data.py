@@ -134,6 +134,8 @@ class Batch:
     y: torch.Tensor     # (B, P, 2) float32 prepared transforms
     A: torch.Tensor     # (B, 3, 3) poses
     ctf: torch.Tensor   # (B, P) CTF on the half lattice
+    lo: int = 0         # with several processes: where this slice starts in the global batch ...
+    n_global: int = -1  # ... and the global batch's size (-1: the batch is the global batch)
 
 
 def _bytes_available(device: torch.device) -> int:
@@ -223,22 +225,51 @@ class ParticleData:
         return np.concatenate(out) if out else positions[:0]
 
     # ---- serving ----------------------------------------------------------------------------------------
-    def _make_batch(self, pos: np.ndarray, y: torch.Tensor) -> Batch:
+    def _make_batch(self, pos: np.ndarray, y: torch.Tensor, lo: int = 0, n_global: int = -1) -> Batch:
         p = torch.from_numpy(pos)
         pd = p.to(self.device)
         params = self.ctf_params[pd]
         ctf = ctf_from_params(self.coords, params)                      # (B, P)
-        return Batch(p, y.to(self.device, torch.float32, non_blocking=True), self.A[pd], ctf)
+        return Batch(p, y.to(self.device, torch.float32, non_blocking=True), self.A[pd], ctf, lo, n_global)
 
-    def batches(self, order: np.ndarray, batch_size: int, start: int = 0) -> Iterator[Batch]:
-        """Batches of `batch_size` following `order`, beginning at entry `start` (to resume mid-epoch)."""
-        order = np.asarray(order)[start:]
+    @staticmethod
+    def plan(order: np.ndarray, batch_size: int, rank: int = 0, world: int = 1
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(local order, local batch sizes, offsets in the global batch, global batch sizes) of one rank.
+
+        The global batches are consecutive slices of `order`, the same for every world size; rank r takes
+        the r-th of `world` near-equal contiguous pieces of each (possibly none, in a last short batch).
+        """
+        order = np.asarray(order)
+        starts = np.arange(0, len(order), batch_size)
+        tot = np.minimum(batch_size, len(order) - starts)
+        if world == 1:
+            return order, tot, np.zeros_like(tot), tot
+        # np.array_split's pieces: the first (tot % world) are one longer
+        base, extra = tot // world, tot % world
+        lo = rank * base + np.minimum(rank, extra)
+        hi = lo + base + (rank < extra)
+        local = np.concatenate([order[s + a:s + b] for s, a, b in zip(starts, lo, hi)]) if len(starts) \
+            else order[:0]
+        return local, hi - lo, lo, tot
+
+    def batches(self, order: np.ndarray, batch_size: int, start: int = 0, rank: int = 0, world: int = 1
+                ) -> Iterator[Batch]:
+        """Batches of `batch_size` following `order`, beginning at entry `start` (to resume mid-epoch).
+
+        With `world` > 1 processes, global batches are cut from `order` as for one process and this rank
+        receives its slice of each (`plan`): the same optimisation for any number of processes.
+        """
+        local, sizes, los, tots = self.plan(np.asarray(order)[start:], batch_size, rank, world)
+        n_glob = tots if world > 1 else np.full_like(tots, -1)
         if self.mode == "memory":
-            for a in range(0, len(order), batch_size):
-                pos = order[a:a + batch_size]
-                yield self._make_batch(pos, self.y[torch.from_numpy(pos).to(self.device)])
+            at = 0
+            for b, lo, ng in zip(sizes, los, n_glob):
+                pos = local[at:at + b]
+                at += b
+                yield self._make_batch(pos, self.y[torch.from_numpy(pos).to(self.device)], int(lo), int(ng))
             return
-        yield from self._stream(order, batch_size)
+        yield from self._stream(local, sizes, los, n_glob)
 
     def _segments(self, order: np.ndarray) -> list[np.ndarray]:
         """Split an order into runs of entries from the same chunk."""
@@ -248,7 +279,8 @@ class ParticleData:
         cuts = np.flatnonzero(np.diff(cid)) + 1
         return np.split(order, cuts)
 
-    def _stream(self, order: np.ndarray, batch_size: int) -> Iterator[Batch]:
+    def _stream(self, order: np.ndarray, sizes: np.ndarray, los: np.ndarray, n_glob: np.ndarray
+                ) -> Iterator[Batch]:
         """Read and prepare chunk segments in a background thread, one ahead of the consumer."""
         q: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
@@ -278,6 +310,7 @@ class ParticleData:
         th = threading.Thread(target=producer, daemon=True)
         th.start()
         buf_pos, buf_y = order[:0], None  # images received and not yet served, in order
+        k = 0  # next batch to serve
         try:
             while True:
                 item = q.get()
@@ -289,10 +322,13 @@ class ParticleData:
                     y = y.to(self.device, non_blocking=pin)
                     buf_pos = np.concatenate([buf_pos, seg])
                     buf_y = y if buf_y is None else torch.cat([buf_y, y])
-                full = len(buf_pos) // batch_size * batch_size if item is not None else len(buf_pos)
-                for a in range(0, full, batch_size):
-                    yield self._make_batch(buf_pos[a:a + batch_size], buf_y[a:a + batch_size])
-                buf_pos, buf_y = buf_pos[full:], (buf_y[full:] if buf_y is not None else None)
+                at = 0
+                while k < len(sizes) and at + sizes[k] <= len(buf_pos):
+                    b = int(sizes[k])
+                    y = buf_y[at:at + b] if buf_y is not None else torch.empty((0, self.lattice.P, 2))
+                    yield self._make_batch(buf_pos[at:at + b], y, int(los[k]), int(n_glob[k]))
+                    at, k = at + b, k + 1
+                buf_pos, buf_y = buf_pos[at:], (buf_y[at:] if buf_y is not None else None)
                 if item is None:
                     break
         finally:
