@@ -231,8 +231,10 @@ def encode_latents(model: HetVAE, data: ParticleData, amp: torch.dtype | None = 
         return mu_all, lv_all
     was = model.training
     model.eval()
-    bar = tqdm(total=n, desc="encoding", unit="img", disable=not progress, mininterval=1.0, file=sys.stderr)
-    for b in data.batches(dist.shard(np.arange(n)), batch_size):
+    mine = dist.shard(np.arange(n))
+    bar = tqdm(total=len(mine), desc="encoding", unit="img", disable=not progress, mininterval=1.0,
+               file=sys.stderr)
+    for b in data.batches(mine, batch_size):
         with torch.autocast(b.y.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             mu, lv = model.encode(b.y, b.ctf)
         idx = b.pos.numpy()
