@@ -16,6 +16,7 @@ Per-image random disk reads never happen in either mode.
 
 from __future__ import annotations
 
+import mmap
 import os
 import queue
 import threading
@@ -77,6 +78,56 @@ def read_rows(source: ParticleSource, rows: np.ndarray) -> np.ndarray:
         x = np.array(source.images[rows[0]:rows[-1] + 1], dtype=np.float32)
     else:
         x = np.array(source.images[rows], dtype=np.float32)
+    if source.signs is not None:
+        x = x * source.signs[rows, None, None]
+    return x
+
+
+def _file_layout(images: np.ndarray) -> tuple[str, int] | None:
+    """(file name, byte offset of row 0) when `images` is a whole, C-ordered memory map of one file, so
+    that rows can be read with plain file reads; None otherwise (then rows are sliced from the map)."""
+    if not isinstance(images, np.memmap) or not images.flags["C_CONTIGUOUS"] or images.filename is None:
+        return None
+    base = images.base
+    if not isinstance(base, mmap.mmap):
+        return None
+    start = np.frombuffer(base, dtype=np.uint8).__array_interface__["data"][0]
+    here = images.__array_interface__["data"][0]
+    if here - start != images.offset % mmap.ALLOCATIONGRANULARITY:  # a view into the map, not its start
+        return None
+    return str(images.filename), int(images.offset)
+
+
+def read_span(source: ParticleSource, lo: int, hi: int) -> np.ndarray:
+    """Stack rows lo..hi-1 as one sequential read, without mapping them into this process.
+
+    Reading a memory map makes every page it touches part of the process's resident memory until the
+    kernel needs it back, so an epoch streamed through the map would show the whole stack in the RSS
+    (and count against a cgroup's limit as mapped memory). A plain read goes through the page cache
+    only: the process keeps just the chunk it is preparing.
+    """
+    layout = _file_layout(source.images)
+    if layout is None:
+        return np.asarray(source.images[lo:hi])
+    fname, offset = layout
+    per = int(np.prod(source.images.shape[1:]))
+    item = source.images.dtype.itemsize
+    with open(fname, "rb") as f:
+        f.seek(offset + lo * per * item)
+        x = np.fromfile(f, dtype=source.images.dtype, count=(hi - lo) * per)
+    if x.size != (hi - lo) * per:
+        raise InputError(f"ends before row {hi} (truncated stack?)", source.path)
+    return x.reshape((hi - lo, *source.images.shape[1:]))
+
+
+def read_chunk_rows(source: ParticleSource, rows: np.ndarray) -> np.ndarray:
+    """float32 images of sorted table `rows` lying close together (one streamed chunk): one sequential
+    read of the span they cover, then the rows picked out of it."""
+    rows = np.asarray(rows)
+    if not len(rows):
+        return np.zeros((0, source.D, source.D), np.float32)
+    block = read_span(source, int(rows[0]), int(rows[-1]) + 1)
+    x = np.asarray(block[rows - rows[0]], dtype=np.float32)
     if source.signs is not None:
         x = x * source.signs[rows, None, None]
     return x
@@ -290,7 +341,8 @@ class ParticleData:
             try:
                 for seg in self._segments(order):
                     srt = np.argsort(seg, kind="stable")
-                    y_sorted = self._prepare_rows(seg[srt])
+                    pos = seg[srt]
+                    y_sorted = self.prep(read_chunk_rows(self.source, self.rows[pos]), self.shifts_px[pos])
                     # back to the segment's order, written once into the buffer that travels: pinned and
                     # fp16 on the way to a GPU (as the stack held there would be: half the bytes)
                     y = torch.empty(y_sorted.shape, dtype=self.dtype, pin_memory=pin)

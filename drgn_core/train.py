@@ -436,6 +436,7 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
             run.mkdir(parents=True, exist_ok=True)
         run_config = _run_config(mcfg, tcfg, table_path, stack_path, ind_path, source, len(rows),
                                  len(train_pos), len(val_pos))
+    prev_world = int((run_config.get("distributed") or {}).get("world_size", 1))  # before this start
     run_config["distributed"] = _distributed_record(dist, tcfg, device)
     if main:
         write_config(run / "config.yaml", run_config)
@@ -454,7 +455,7 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
         if main:
             log(f"resuming {run} at epoch {state.epoch + 1}, batch {state.step} with {dist.world} "
                 f"process{'es' if dist.world > 1 else ''}")
-            _record_resume(run, run_config, stored, state, dist)
+            _record_resume(run, run_config, prev_world, state, dist)
         old_lr = opt.param_groups[0]["lr"]
         if old_lr != tcfg.lr:  # Adam's moments are kept; only the step size changes
             for group in opt.param_groups:
@@ -627,9 +628,8 @@ def _distributed_record(dist: Dist, tcfg: TrainConfig, device: torch.device) -> 
             "batch_per_process": math.ceil(tcfg.batch_size / dist.world), "lr": tcfg.lr}
 
 
-def _record_resume(run: Path, run_config: dict, stored: dict | None, state: Progress, dist: Dist) -> None:
+def _record_resume(run: Path, run_config: dict, before: int, state: Progress, dist: Dist) -> None:
     """Note a resume in config.yaml (`resumes`), and say so when the number of processes changed."""
-    before = ((stored or {}).get("distributed") or {}).get("world_size", 1)
     entry = {"epoch": state.epoch + 1, "batch": state.step, "world_size": dist.world,
              "previous_world_size": before, "at": datetime.now(UTC).isoformat(timespec="seconds")}
     run_config["resumes"] = [*run_config.get("resumes", []), entry]
