@@ -8,9 +8,12 @@ gives the same loss (the phase ramp has modulus 1) and hands the encoder centred
 
 Two ways to hold the prepared data, chosen by size (`mode='auto'`):
 - memory: one (N, P, 2) tensor — float32 in RAM on the CPU, float16 on the GPU when it fits;
-- stream: contiguous chunks of the memory-mapped stack are read, prepared and handed over by a background
-  thread (pinned memory for a GPU), for stacks larger than memory. The epoch order is then shuffled per
-  chunk (chunks in random order, images in random order within each chunk), so reads stay contiguous.
+- stream: contiguous chunks of the stack are read (plain sequential reads, not through the memory map, so
+  they do not stay in the process's memory), prepared and handed over by a background thread (pinned
+  memory for a GPU), for stacks larger than memory. The epoch order is shuffled across and within chunks:
+  chunks in random order, taken `mix` at a time, and the images of those `mix` chunks in random order
+  together, so that a batch mixes particles from distant parts of the stack (stacks are usually ordered
+  by micrograph) while every read stays a long contiguous one.
 Per-image random disk reads never happen in either mode.
 """
 
@@ -189,6 +192,25 @@ class Batch:
     n_global: int = -1  # ... and the global batch's size (-1: the batch is the global batch)
 
 
+def _return_freed_memory() -> None:
+    """Have glibc serve every allocation of 1 MiB or more from its own mapping, given back on free.
+
+    Streaming allocates and frees chunk-sized buffers continually, from two threads. glibc raises its
+    mmap threshold after the first such buffer is freed (up to 32 MiB), and from then on serves them from
+    per-thread heaps that it rarely returns to the system: measured on a 125 MiB stack, the resident set
+    crept up by 110 MiB over an epoch, against 51 MiB with this setting. Elsewhere (not glibc) nothing
+    is changed.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixing it also turns off its dynamic raising)
+    except (OSError, AttributeError):
+        pass
+
+
 def _bytes_available(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -207,16 +229,18 @@ class ParticleData:
     """Prepared images, poses and CTF parameters for a set of table rows, served as batches.
 
     `rows` (N,) are canonical table rows; batch positions index into them. `mode` is 'auto', 'memory' or
-    'stream'; `chunk` is the number of images read, prepared and shuffled together.
+    'stream'; `chunk` is the number of images read in one go, and `mix` the number of chunks whose images
+    are shuffled together (streamed memory holds about three times chunk × mix prepared images).
     """
 
     def __init__(self, source: ParticleSource, table: ParticleTable, rows: np.ndarray, lattice: HalfLattice,
                  norm_scale: float, device: torch.device, mode: str = "auto", chunk: int = 4096,
-                 progress: bool = True):
+                 progress: bool = True, mix: int = 1):
         self.source, self.lattice, self.device = source, lattice, device
         self.rows = np.asarray(rows, dtype=np.int64)
         self.n = len(self.rows)
         self.chunk = int(chunk)
+        self.mix = max(1, int(mix))
         self.progress = progress
         sub = table.subset(self.rows)
         self.shifts_px = sub.shifts_px(source.apix)                                    # (N, 2) float64
@@ -228,6 +252,8 @@ class ParticleData:
         self.y: torch.Tensor | None = None
         if self.mode == "memory":
             self.y = self._prepare_all()
+        else:
+            _return_freed_memory()
 
     def _choose(self, mode: str) -> tuple[str, torch.dtype]:
         per32 = self.n * self.lattice.P * 2 * 4
@@ -270,8 +296,9 @@ class ParticleData:
             return positions[rng.permutation(len(positions))]
         chunk_id = positions // self.chunk
         out = []
-        for c in rng.permutation(np.unique(chunk_id)):
-            members = positions[chunk_id == c]
+        ids = rng.permutation(np.unique(chunk_id))
+        for g in range(0, len(ids), self.mix):  # (mix = 1: each chunk on its own, as before)
+            members = positions[np.isin(chunk_id, ids[g:g + self.mix])]
             out.append(members[rng.permutation(len(members))])
         return np.concatenate(out) if out else positions[:0]
 
@@ -323,11 +350,20 @@ class ParticleData:
         yield from self._stream(local, sizes, los, n_glob)
 
     def _segments(self, order: np.ndarray) -> list[np.ndarray]:
-        """Split an order into runs of entries from the same chunk."""
+        """Split an order into consecutive runs that touch at most `mix` chunks each (the read units).
+
+        epoch_order's groups come out whole; a run resumed mid-group, or one rank's share of the order,
+        is cut the same way. Only memory depends on the cut: batches follow `order` whatever it is.
+        """
         if not len(order):
             return []
-        cid = order // self.chunk
-        cuts = np.flatnonzero(np.diff(cid)) + 1
+        cuts, seen = [], set()
+        for i, c in enumerate((order // self.chunk).tolist()):
+            if c not in seen:
+                if len(seen) == self.mix:
+                    cuts.append(i)
+                    seen = set()
+                seen.add(c)
         return np.split(order, cuts)
 
     def _stream(self, order: np.ndarray, sizes: np.ndarray, los: np.ndarray, n_glob: np.ndarray
@@ -342,7 +378,10 @@ class ParticleData:
                 for seg in self._segments(order):
                     srt = np.argsort(seg, kind="stable")
                     pos = seg[srt]
-                    y_sorted = self.prep(read_chunk_rows(self.source, self.rows[pos]), self.shifts_px[pos])
+                    # one sequential read per chunk of the segment
+                    parts = np.split(pos, np.flatnonzero(np.diff(pos // self.chunk)) + 1)
+                    x = np.concatenate([read_chunk_rows(self.source, self.rows[p]) for p in parts])
+                    y_sorted = self.prep(x, self.shifts_px[pos])
                     # back to the segment's order, written once into the buffer that travels: pinned and
                     # fp16 on the way to a GPU (as the stack held there would be: half the bytes)
                     y = torch.empty(y_sorted.shape, dtype=self.dtype, pin_memory=pin)

@@ -57,7 +57,7 @@ CHECKPOINT_FORMAT = "drgnflow-checkpoint/1"
 # (lowering it refines a run whose loss levelled off; train_log.csv records it per epoch). --auto-resume
 # treats another learning rate as another run.
 RESUMABLE = {"epochs", "lr", "device", "threads", "checkpoint_every", "checkpoint_minutes", "data_mode",
-             "chunk", "encode_every", "log_steps"}
+             "chunk", "mix_chunks", "encode_every", "log_steps"}
 MODEL_OPTIONS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_type", "pe_dim", "feat_sigma",
                  "enc_mask")
 
@@ -78,7 +78,8 @@ class TrainConfig:
     checkpoint_every: int = 1         # epochs between checkpoints
     checkpoint_minutes: float = 30.0  # also checkpoint mid-epoch after this long (0: never)
     data_mode: str = "auto"           # auto | memory | stream
-    chunk: int = 4096                 # images per streamed chunk
+    chunk: int = 1024                 # images per streamed chunk (one sequential read)
+    mix_chunks: int = 4               # streamed chunks whose images are shuffled together
     encode_every: int = 0             # also write checkpoints/z.EEE.npy every N epochs (0: only at the end)
     log_steps: bool = False           # also write train_steps.csv: the global batch's losses at every step
 
@@ -464,7 +465,7 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
                 log(f"learning rate {old_lr:g} -> {tcfg.lr:g} from epoch {state.epoch + 1}")
 
     data = ParticleData(source, table, rows, lattice, mcfg.norm_scale, device, tcfg.data_mode, tcfg.chunk,
-                        progress)
+                        progress, mix=tcfg.mix_chunks)
     n_params = sum(p.numel() for p in model.parameters())
     if dist.active and main:
         log(f"{dist.world} processes ({dist.backend}): global batch {tcfg.batch_size}, about "

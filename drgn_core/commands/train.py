@@ -39,7 +39,8 @@ Example:
 MODEL_KEYS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_type", "pe_dim", "feat_sigma",
               "enc_mask")
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "beta", "seed", "device", "precision", "threads", "val_frac",
-              "checkpoint_every", "checkpoint_minutes", "data_mode", "chunk", "encode_every", "log_steps")
+              "checkpoint_every", "checkpoint_minutes", "data_mode", "chunk", "mix_chunks",
+              "encode_every", "log_steps")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,7 +84,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     r.add_argument("--data-mode", choices=["auto", "memory", "stream"],
                    help="hold the prepared images in memory or stream chunks from the stack (default auto)")
-    r.add_argument("--chunk", type=int, help="images per streamed chunk (default 4096)")
+    r.add_argument("--chunk", type=int, help="images per streamed chunk, read in one go (default 1024)")
+    r.add_argument("--mix-chunks", type=int,
+                   help="streamed chunks, in random order, whose images are shuffled together: batches mix "
+                        "particles from distant parts of the stack; memory ~3 x chunk x mix (default 4)")
     r.add_argument("--nproc", "--gpus", dest="nproc", type=int, default=1,
                    help="processes on this node, one per GPU (or CPU processes, gloo, without GPUs); > 1 "
                         "re-executes this command through torchrun (default 1)")
@@ -108,7 +112,8 @@ def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
 def _validate(opts: dict) -> None:
     from drgn_core.errors import DrgnError
 
-    positive = ("enc_dim", "dec_dim", "epochs", "batch_size", "checkpoint_every", "chunk", "nproc", "nnodes")
+    positive = ("enc_dim", "dec_dim", "epochs", "batch_size", "checkpoint_every", "chunk", "mix_chunks",
+                "nproc", "nnodes")
     for k in positive:
         if k in opts and opts[k] < 1:
             raise DrgnError(f"--{k.replace('_', '-')} must be >= 1, got {opts[k]}")
