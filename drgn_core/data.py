@@ -38,6 +38,8 @@ from drgn_core.io.table import ParticleTable
 from drgn_core.models import HalfLattice
 
 NORM_SAMPLE = 1000  # images used to estimate the global normalisation scale
+CHUNK_BYTES = 16 * 2**20  # prepared bytes of one streamed chunk when its size is automatic (chunk=0)
+PREP_BLOCK = 256  # images transformed at once: bounds the FFT's temporaries whatever the chunk
 
 
 # ---- the stack ----------------------------------------------------------------------------------------
@@ -229,8 +231,9 @@ class ParticleData:
     """Prepared images, poses and CTF parameters for a set of table rows, served as batches.
 
     `rows` (N,) are canonical table rows; batch positions index into them. `mode` is 'auto', 'memory' or
-    'stream'; `chunk` is the number of images read in one go, and `mix` the number of chunks whose images
-    are shuffled together (streamed memory holds about three times chunk × mix prepared images).
+    'stream'; `chunk` is the number of images read in one go (0: as many as make 16 MiB prepared), and
+    `mix` the number of chunks whose images are shuffled together (streamed memory holds about three
+    times chunk × mix prepared images).
     """
 
     def __init__(self, source: ParticleSource, table: ParticleTable, rows: np.ndarray, lattice: HalfLattice,
@@ -239,7 +242,7 @@ class ParticleData:
         self.source, self.lattice, self.device = source, lattice, device
         self.rows = np.asarray(rows, dtype=np.int64)
         self.n = len(self.rows)
-        self.chunk = int(chunk)
+        self.chunk = int(chunk) if chunk > 0 else max(64, CHUNK_BYTES // (lattice.P * 2 * 4))
         self.mix = max(1, int(mix))
         self.progress = progress
         sub = table.subset(self.rows)
@@ -369,7 +372,7 @@ class ParticleData:
     def _stream(self, order: np.ndarray, sizes: np.ndarray, los: np.ndarray, n_glob: np.ndarray
                 ) -> Iterator[Batch]:
         """Read and prepare chunk segments in a background thread, one ahead of the consumer."""
-        q: queue.Queue = queue.Queue(maxsize=2)
+        q: queue.Queue = queue.Queue(maxsize=1)  # in memory at most: served, queued, being prepared
         stop = threading.Event()
         pin = self.device.type == "cuda"
 
@@ -381,7 +384,11 @@ class ParticleData:
                     # one sequential read per chunk of the segment
                     parts = np.split(pos, np.flatnonzero(np.diff(pos // self.chunk)) + 1)
                     x = np.concatenate([read_chunk_rows(self.source, self.rows[p]) for p in parts])
-                    y_sorted = self.prep(x, self.shifts_px[pos])
+                    y_sorted = torch.empty((len(pos), self.lattice.P, 2))
+                    for a in range(0, len(pos), PREP_BLOCK):
+                        y_sorted[a:a + PREP_BLOCK] = self.prep(x[a:a + PREP_BLOCK],
+                                                               self.shifts_px[pos[a:a + PREP_BLOCK]])
+                    del x
                     # back to the segment's order, written once into the buffer that travels: pinned and
                     # fp16 on the way to a GPU (as the stack held there would be: half the bytes)
                     y = torch.empty(y_sorted.shape, dtype=self.dtype, pin_memory=pin)

@@ -84,7 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     r.add_argument("--data-mode", choices=["auto", "memory", "stream"],
                    help="hold the prepared images in memory or stream chunks from the stack (default auto)")
-    r.add_argument("--chunk", type=int, help="images per streamed chunk, read in one go (default 1024)")
+    r.add_argument("--chunk", type=int,
+                   help="images per streamed chunk, read in one go (default 0: as many as make 16 MiB once "
+                        "prepared, e.g. 650 at D = 128)")
     r.add_argument("--mix-chunks", type=int,
                    help="streamed chunks, in random order, whose images are shuffled together: batches mix "
                         "particles from distant parts of the stack; memory ~3 x chunk x mix (default 4)")
@@ -112,12 +114,12 @@ def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
 def _validate(opts: dict) -> None:
     from drgn_core.errors import DrgnError
 
-    positive = ("enc_dim", "dec_dim", "epochs", "batch_size", "checkpoint_every", "chunk", "mix_chunks",
-                "nproc", "nnodes")
+    positive = ("enc_dim", "dec_dim", "epochs", "batch_size", "checkpoint_every", "mix_chunks", "nproc",
+                "nnodes")
     for k in positive:
         if k in opts and opts[k] < 1:
             raise DrgnError(f"--{k.replace('_', '-')} must be >= 1, got {opts[k]}")
-    for k in ("enc_layers", "dec_layers", "zdim", "threads", "encode_every", "pe_dim", "enc_mask"):
+    for k in ("enc_layers", "dec_layers", "zdim", "threads", "encode_every", "pe_dim", "enc_mask", "chunk"):
         if k in opts and opts[k] < 0:
             raise DrgnError(f"--{k.replace('_', '-')} must be >= 0, got {opts[k]}")
     for k in ("lr", "feat_sigma"):

@@ -1,5 +1,30 @@
 # Stage 4: the final model, trained on the particles the filter kept (their canonical rows, --ind), at a
 # larger box and with larger networks, holding out a random fraction for the validation loss.
+# highres.processes > 1 trains data-parallel on one node (`drgn train --nproc P`: torchrun, one process per
+# GPU); highres.nodes > 1 asks SLURM for N nodes with G GPUs each and starts one `drgn train --nproc P
+# --nnodes N` per node with srun (the rendezvous is the job's first node).
+
+
+def highres_resources():
+    """The job's scheduler resources: those of any training job, and for several nodes --nodes, G GPUs
+    per node (gres) and `mpi` (the job step's plugin then runs the shell as is, and srun is ours)."""
+    res = get_resources("highres")
+    nodes = config["highres"]["nodes"]
+    if nodes > 1:
+        gpus = res.pop("gpu", 0)
+        res.update(nodes=nodes, tasks=nodes, mpi="srun")
+        if gpus:
+            res["gres"] = f"gpu:{gpus}"
+    return res
+
+
+def highres_launch():
+    """(command prefix, drgn train options) that start the training processes."""
+    nodes, procs = config["highres"]["nodes"], config["highres"]["processes"]
+    if nodes > 1:
+        return (f"srun --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 ",
+                f"--nproc {procs} --nnodes {nodes}")
+    return ("", f"--nproc {procs}" if procs > 1 else "")
 
 
 rule train_highres:
@@ -23,19 +48,23 @@ rule train_highres:
         "../../envs/gpu.yaml"
     threads: get_threads("highres")
     resources:
-        **get_resources("highres"),
+        **highres_resources(),
     params:
         run=folder_of_output("model"),
         zdim=config["highres"]["zdim"],
         t=config["highres"]["train"],
         val_frac=config["highres"]["val_frac"],
         device=config["device"],
+        launch=highres_launch()[0],
+        procs=highres_launch()[1],
+        # each process its share of the job's threads
+        threads=lambda wildcards, threads: max(1, threads // config["highres"]["processes"]),
         version=DRGN_VERSION,
     shell:
-        "drgn train {input.table} {input.stack} -o {params.run} --auto-resume --zdim {params.zdim} "
+        "{params.launch}drgn train {input.table} {input.stack} -o {params.run} --auto-resume --zdim {params.zdim} "
         "--ind {input.kept} "
         "--epochs {params.t[epochs]} --enc-dim {params.t[enc_dim]} --enc-layers {params.t[enc_layers]} "
         "--dec-dim {params.t[dec_dim]} --dec-layers {params.t[dec_layers]} "
         "--batch-size {params.t[batch_size]} --lr {params.t[lr]} --seed {params.t[seed]} "
-        "--val-frac {params.val_frac} --device {params.device} --threads {threads} "
+        "--val-frac {params.val_frac} --device {params.device} --threads {params.threads} {params.procs} "
         "{params.t[extra]} > {log} 2>&1"
