@@ -1,10 +1,11 @@
 """Training on a stack larger than memory: one epoch streamed from disk under a memory limit, against the
 same epoch with the prepared stack held in memory, as JSON.
 
-    .venv/bin/python bench/stream_memory.py --D 64 --base 200 --repeat 328 --out /tmp/drgn-stream
+    .venv/bin/python bench/stream_memory.py --D 64 --base 200 --repeat 420 --out /tmp/drgn-stream
 
-The network is small (width 16, one hidden layer, 8 encoding frequencies) so that an epoch over a gigabyte takes minutes on
-one CPU thread: the data path, not the model, is what is measured. It renders `--base` particles (tests/conftest_train.py's closed-form renderer) and repeats them
+The network is small (width 16, one hidden layer, 8 encoding frequencies) so that an epoch over a
+gigabyte takes minutes on one CPU thread: the data path, not the model, is what is measured. It renders
+`--base` particles (tests/conftest_train.py's closed-form renderer) and repeats them
 `--repeat` times into one stack (content does not matter for time and memory), then runs `drgn train`
 for one epoch twice in subprocesses:
 - stream: `--data-mode stream`, inside a cgroup (v1 or v2, created under /sys/fs/cgroup when this
@@ -81,7 +82,8 @@ def make_cgroup(limit: int) -> tuple[Path | None, str]:
 def run_epoch(table: Path, stack: Path, run: Path, mode: str, args, cgroup: Path | None) -> dict:
     cmd = [sys.executable, "-m", "drgn_core.cli", "train", str(table), str(stack), "-o", str(run),
            "--epochs", "1", "--val-frac", "0", "--zdim", "1", "--enc-dim", str(args.width), "--enc-layers",
-           "1", "--dec-dim", str(args.width), "--dec-layers", "1", "--batch-size", str(args.batch), "--pe-dim", str(args.pe_dim),
+           "1", "--dec-dim", str(args.width), "--dec-layers", "1", "--batch-size", str(args.batch),
+           "--pe-dim", str(args.pe_dim),
            "--threads", str(args.threads), "--precision", "fp32", "--device", "cpu", "--data-mode", mode,
            "--chunk", str(args.chunk), "--mix-chunks", str(args.mix)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
@@ -114,7 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--D", type=int, default=64)
     ap.add_argument("--base", type=int, default=200, help="particles rendered")
-    ap.add_argument("--repeat", type=int, default=328, help="times they are repeated in the stack")
+    ap.add_argument("--repeat", type=int, default=420, help="times they are repeated in the stack")
     ap.add_argument("--width", type=int, default=16, help="encoder/decoder width (one hidden layer each)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--pe-dim", type=int, default=8, help="positional-encoding frequencies (small: cheap)")
