@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--base", type=int, default=200, help="particles rendered")
     ap.add_argument("--repeat", type=int, default=420, help="times they are repeated in the stack")
     ap.add_argument("--width", type=int, default=16, help="encoder/decoder width (one hidden layer each)")
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--pe-dim", type=int, default=8, help="positional-encoding frequencies (small: cheap)")
     ap.add_argument("--chunk", type=int, default=0, help="0: drgn train's default (16 MiB prepared)")
     ap.add_argument("--mix", type=int, default=4)

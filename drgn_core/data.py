@@ -38,7 +38,7 @@ from drgn_core.io.table import ParticleTable
 from drgn_core.models import HalfLattice
 
 NORM_SAMPLE = 1000  # images used to estimate the global normalisation scale
-CHUNK_BYTES = 16 * 2**20  # prepared bytes of one streamed chunk when its size is automatic (chunk=0)
+CHUNK_BYTES = 8 * 2**20  # prepared bytes of one streamed chunk when its size is automatic (chunk=0)
 PREP_BLOCK = 256  # images transformed at once: bounds the FFT's temporaries whatever the chunk
 
 
@@ -77,9 +77,15 @@ def open_particles(stack_path: str | os.PathLike, table: ParticleTable) -> Parti
 
 
 def read_rows(source: ParticleSource, rows: np.ndarray) -> np.ndarray:
-    """float32 (len(rows), D, D) for table rows, read as one slice when they are consecutive."""
+    """float32 (len(rows), D, D) for table rows: one read per run of consecutive rows (`read_span`)."""
     rows = np.asarray(rows)
-    if len(rows) and np.all(np.diff(rows) == 1):
+    if not len(rows):
+        return np.zeros((0, source.D, source.D), np.float32)
+    if _file_layout(source.images) is not None:
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+        x = np.concatenate([read_span(source, int(r[0]), int(r[-1]) + 1) for r in runs]).astype(np.float32,
+                                                                                                copy=False)
+    elif np.all(np.diff(rows) == 1):
         x = np.array(source.images[rows[0]:rows[-1] + 1], dtype=np.float32)
     else:
         x = np.array(source.images[rows], dtype=np.float32)
@@ -231,7 +237,7 @@ class ParticleData:
     """Prepared images, poses and CTF parameters for a set of table rows, served as batches.
 
     `rows` (N,) are canonical table rows; batch positions index into them. `mode` is 'auto', 'memory' or
-    'stream'; `chunk` is the number of images read in one go (0: as many as make 16 MiB prepared), and
+    'stream'; `chunk` is the number of images read in one go (0: as many as make 8 MiB prepared), and
     `mix` the number of chunks whose images are shuffled together (streamed memory holds about three
     times chunk × mix prepared images).
     """

@@ -78,7 +78,7 @@ class TrainConfig:
     checkpoint_every: int = 1         # epochs between checkpoints
     checkpoint_minutes: float = 30.0  # also checkpoint mid-epoch after this long (0: never)
     data_mode: str = "auto"           # auto | memory | stream
-    chunk: int = 0                    # images per streamed chunk (one sequential read); 0: 16 MiB prepared
+    chunk: int = 0                    # images per streamed chunk (one sequential read); 0: 8 MiB prepared
     mix_chunks: int = 4               # streamed chunks whose images are shuffled together
     encode_every: int = 0             # also write checkpoints/z.EEE.npy every N epochs (0: only at the end)
     log_steps: bool = False           # also write train_steps.csv: the global batch's losses at every step

@@ -85,8 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--data-mode", choices=["auto", "memory", "stream"],
                    help="hold the prepared images in memory or stream chunks from the stack (default auto)")
     r.add_argument("--chunk", type=int,
-                   help="images per streamed chunk, read in one go (default 0: as many as make 16 MiB once "
-                        "prepared, e.g. 650 at D = 128)")
+                   help="images per streamed chunk, read in one go (default 0: as many as make 8 MiB once "
+                        "prepared, e.g. 650 at D = 64)")
     r.add_argument("--mix-chunks", type=int,
                    help="streamed chunks, in random order, whose images are shuffled together: batches mix "
                         "particles from distant parts of the stack; memory ~3 x chunk x mix (default 4)")
@@ -150,7 +150,11 @@ def _rendezvous(args: argparse.Namespace) -> str:
 
     spec = args.rdzv
     if not spec:
-        nodes = os.environ.get("SLURM_JOB_NODELIST")
+        nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+        if not nodes and os.environ.get("SLURM_JOB_ID"):  # a job step that was given only the job's id
+            q = subprocess.run(["squeue", "-h", "-j", os.environ["SLURM_JOB_ID"], "-o", "%N"],
+                               capture_output=True, text=True)
+            nodes = q.stdout.strip() if q.returncode == 0 else None
         if not nodes:
             raise DrgnError("--nnodes > 1 needs --rdzv HOST[:PORT] outside a SLURM allocation")
         out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True)
