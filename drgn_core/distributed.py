@@ -78,20 +78,19 @@ class Dist:
 def from_env() -> Dist:
     """The process group torchrun describes in the environment (joined here), or a single process.
 
-    GPUs: each process drives the GPU numbered by its LOCAL_RANK (`torch.cuda.set_device`), the usual
-    one-process-per-GPU layout of torchrun and of `srun --gpus-per-task`.
+    GPUs: when the node has a GPU for each of its processes, each process drives the GPU numbered by its
+    LOCAL_RANK (`torch.cuda.set_device`), the usual one-process-per-GPU layout of torchrun; otherwise the
+    group is gloo-only and training with --device cuda is refused (`rank_device`).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        if local >= torch.cuda.device_count():
-            raise DrgnError(f"rank {rank}: LOCAL_RANK {local} but this node has {torch.cuda.device_count()} "
-                            "GPUs; start at most one process per GPU")
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_gpu >= int(os.environ.get("LOCAL_WORLD_SIZE", "1")):  # a GPU for every process of this node
         torch.cuda.set_device(local)
         backend = "cpu:gloo,cuda:nccl"
-    else:
+    else:  # CPU processes (or more processes than GPUs: they may train on the CPU only)
         backend = "gloo"
     if not td.is_initialized():
         td.init_process_group(backend=backend)
@@ -102,6 +101,10 @@ def rank_device(device: torch.device, dist: Dist) -> torch.device:
     """The device of this rank: GPU `LOCAL_RANK` when training on GPUs with several processes."""
     if not dist.active or device.type != "cuda":
         return device
+    if "nccl" not in dist.backend:
+        raise DrgnError(f"{os.environ.get('LOCAL_WORLD_SIZE', '?')} processes on this node but "
+                        f"{torch.cuda.device_count()} GPUs: start at most one process per GPU, or use "
+                        "--device cpu")
     if device.index not in (None, dist.local_rank):
         raise DrgnError(f"--device {device} names one GPU, but {dist.world} processes each drive their own "
                         "(use --device cuda or auto)")
