@@ -12,6 +12,11 @@ every checkpoint with the weights, Adam's moments, the position within the epoch
 sums. A run killed at any moment and resumed from its last checkpoint therefore ends, on the CPU with the
 same thread count, with exactly the weights of an uninterrupted run.
 
+Several processes (torchrun; `drgn train --nproc N`): every rank runs this same loop on the same epoch
+order and takes its slice of each global batch; gradients are summed over ranks (drgn_core.distributed),
+so the weights follow one process's to rounding, whatever the number of processes, and a checkpoint
+written by rank 0 resumes on any number of them. Validation sums and latents are gathered in row order.
+
 Run directory (docs/architecture.md): config.yaml, checkpoints/last.pt, then at the end model.pt, z.npy,
 z_logvar.npy, indices.npy (+ .txt), val_indices.npy, train_log.csv, learning_curve.png. model.pt is written
 last but one, so its presence marks a finished run.
