@@ -184,3 +184,29 @@ def get_traverse_anchors():
     if t["anchors"]:
         return "--anchors " + ",".join(str(a) for a in t["anchors"])
     return f"--kmeans {t['kmeans']} --seed {t['seed']}"
+
+
+# ---- data-parallel high-res training (highres.nodes, highres.processes; rules/highres.smk)
+def highres_resources():
+    """The job's scheduler resources: those of any training job, and for several nodes --nodes, G GPUs
+    per node (gres) and `mpi` (the job step's plugin then runs the shell as is, and srun is ours).
+    """
+    res = get_resources("highres")
+    nodes = config["highres"]["nodes"]
+    if nodes > 1:
+        gpus = res.pop("gpu", 0)
+        res.update(nodes=nodes, tasks=nodes, mpi="srun")
+        if gpus:
+            res["gres"] = f"gpu:{gpus}"
+    return res
+
+
+def highres_launch():
+    """(command prefix, drgn train options) that start the training processes."""
+    nodes, procs = config["highres"]["nodes"], config["highres"]["processes"]
+    if nodes > 1:
+        return (
+            f"srun --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 ",
+            f"--nproc {procs} --nnodes {nodes}",
+        )
+    return ("", f"--nproc {procs}" if procs > 1 else "")

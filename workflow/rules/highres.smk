@@ -5,28 +5,6 @@
 # --nnodes N` per node with srun (the rendezvous is the job's first node).
 
 
-def highres_resources():
-    """The job's scheduler resources: those of any training job, and for several nodes --nodes, G GPUs
-    per node (gres) and `mpi` (the job step's plugin then runs the shell as is, and srun is ours)."""
-    res = get_resources("highres")
-    nodes = config["highres"]["nodes"]
-    if nodes > 1:
-        gpus = res.pop("gpu", 0)
-        res.update(nodes=nodes, tasks=nodes, mpi="srun")
-        if gpus:
-            res["gres"] = f"gpu:{gpus}"
-    return res
-
-
-def highres_launch():
-    """(command prefix, drgn train options) that start the training processes."""
-    nodes, procs = config["highres"]["nodes"], config["highres"]["processes"]
-    if nodes > 1:
-        return (f"srun --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 ",
-                f"--nproc {procs} --nnodes {nodes}")
-    return ("", f"--nproc {procs}" if procs > 1 else "")
-
-
 rule train_highres:
     input:
         table=TABLE,
@@ -58,7 +36,9 @@ rule train_highres:
         launch=highres_launch()[0],
         procs=highres_launch()[1],
         # each process its share of the job's threads
-        threads=lambda wildcards, threads: max(1, threads // config["highres"]["processes"]),
+        threads=lambda wildcards, threads: max(
+            1, threads // config["highres"]["processes"]
+        ),
         version=DRGN_VERSION,
     shell:
         "{params.launch}drgn train {input.table} {input.stack} -o {params.run} --auto-resume --zdim {params.zdim} "
