@@ -414,7 +414,7 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
     table = read_table(table_path)
     source = open_particles(stack_path, table)
     rows = load_rows(ind_path, len(table))
-    if stored is not None:
+    if stored is not None and main:  # checksums of a stack of many GB: read once, by rank 0
         _check_same_inputs(stored["inputs"], table_path, stack_path, ind_path)
     train_pos, val_pos = split_validation(len(rows), tcfg.val_frac, tcfg.seed)
 
@@ -440,8 +440,8 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
         mcfg = ModelConfig(D=source.D, norm_scale=scale, apix=source.apix, **opts)
         if main:
             run.mkdir(parents=True, exist_ok=True)
-        run_config = _run_config(mcfg, tcfg, table_path, stack_path, ind_path, source, len(rows),
-                                 len(train_pos), len(val_pos))
+        run_config = dist.broadcast(_run_config(mcfg, tcfg, table_path, stack_path, ind_path, source,
+                                                len(rows), len(train_pos), len(val_pos)) if main else None)
     prev_world = int((run_config.get("distributed") or {}).get("world_size", 1))  # before this start
     run_config["distributed"] = _distributed_record(dist, tcfg, device)
     if main:
