@@ -12,6 +12,11 @@ every checkpoint with the weights, Adam's moments, the position within the epoch
 sums. A run killed at any moment and resumed from its last checkpoint therefore ends, on the CPU with the
 same thread count, with exactly the weights of an uninterrupted run.
 
+Several processes (torchrun; `drgn train --nproc N`): every rank runs this same loop on the same epoch
+order and takes its slice of each global batch; gradients are summed over ranks (drgn_core.distributed),
+so the weights follow one process's to rounding, whatever the number of processes, and a checkpoint
+written by rank 0 resumes on any number of them. Validation sums and latents are gathered in row order.
+
 Run directory (docs/architecture.md): config.yaml, checkpoints/last.pt, then at the end model.pt, z.npy,
 z_logvar.npy, indices.npy (+ .txt), val_indices.npy, train_log.csv, learning_curve.png. model.pt is written
 last but one, so its presence marks a finished run.
@@ -38,6 +43,7 @@ from tqdm import tqdm
 
 from drgn_core import __version__
 from drgn_core.data import ParticleData, estimate_norm_scale, open_particles
+from drgn_core.distributed import Dist, from_env, rank_device, sum_gradients_
 from drgn_core.errors import DrgnError, InputError
 from drgn_core.io.atomic import atomic_path
 from drgn_core.io.indices import read_index_file, write_index_files
@@ -56,7 +62,7 @@ CHECKPOINT_FORMAT = "drgnflow-checkpoint/1"
 # (lowering it refines a run whose loss levelled off; train_log.csv records it per epoch). --auto-resume
 # treats another learning rate as another run.
 RESUMABLE = {"epochs", "lr", "device", "threads", "checkpoint_every", "checkpoint_minutes", "data_mode",
-             "chunk", "encode_every"}
+             "chunk", "mix_chunks", "encode_every", "log_steps"}
 MODEL_OPTIONS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_type", "pe_dim", "feat_sigma",
                  "enc_mask")
 
@@ -77,8 +83,10 @@ class TrainConfig:
     checkpoint_every: int = 1         # epochs between checkpoints
     checkpoint_minutes: float = 30.0  # also checkpoint mid-epoch after this long (0: never)
     data_mode: str = "auto"           # auto | memory | stream
-    chunk: int = 4096                 # images per streamed chunk
+    chunk: int = 0                    # images per streamed chunk (one sequential read); 0: 8 MiB prepared
+    mix_chunks: int = 4               # streamed chunks whose images are shuffled together
     encode_every: int = 0             # also write checkpoints/z.EEE.npy every N epochs (0: only at the end)
+    log_steps: bool = False           # also write train_steps.csv: the global batch's losses at every step
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -177,7 +185,11 @@ def batch_loss(model: HetVAE, batch, beta: float, amp: torch.dtype | None, gen: 
             mu, logvar = model.encode(batch.y, batch.ctf)                      # (B, zdim) each
             z = mu
             if gen is not None:
-                eps = torch.randn(mu.shape, generator=gen, device=dev)
+                # one draw per image of the *global* batch, this rank keeping its rows: the same noise for
+                # an image whatever the number of processes
+                n_glob = batch.n_global if batch.n_global > 0 else mu.shape[0]
+                eps = torch.randn((n_glob, mu.shape[1]), generator=gen, device=dev)
+                eps = eps[batch.lo:batch.lo + mu.shape[0]] if batch.n_global > 0 else eps
                 z = mu + eps * torch.exp(0.5 * logvar)
         pred = model.slice(batch.A, z) * batch.ctf[..., None]                 # (B, P, 2)
     mse = image_mse(pred, batch.y, model.weights, model.lattice.n_full)       # (B,)
@@ -187,24 +199,37 @@ def batch_loss(model: HetVAE, batch, beta: float, amp: torch.dtype | None, gen: 
 
 @torch.no_grad()
 def evaluate(model: HetVAE, data: ParticleData, positions: np.ndarray, beta: float, amp: torch.dtype | None,
-             batch_size: int = 64) -> dict[str, float]:
-    """Mean loss, MSE and KL over `positions` at z = μ (deterministic, uses no random numbers)."""
+             batch_size: int = 64, dist: Dist | None = None) -> dict[str, float]:
+    """Mean loss, MSE and KL over `positions` at z = μ (deterministic, uses no random numbers).
+
+    With several processes each evaluates its share of `positions` and the sums are added up: every rank
+    returns the same numbers.
+    """
     if not len(positions):
         return {"loss": math.nan, "mse": math.nan, "kl": math.nan}
+    dist = dist or Dist()
     was = model.training
     model.eval()
     sums = np.zeros(3)
-    for b in data.batches(positions, batch_size):
+    for b in data.batches(dist.shard(positions), batch_size):
         loss, mse, kl = batch_loss(model, b, beta, amp, None)
         sums += len(b.pos) * np.array([loss.item(), mse.item(), kl.item()])
+    if dist.active:
+        sums = dist.all_reduce_(torch.from_numpy(sums).to(data.device)).cpu().numpy()
     model.train(was)
     return {k: float(v) for k, v in zip(("loss", "mse", "kl"), sums / len(positions))}
 
 
 @torch.no_grad()
 def encode_latents(model: HetVAE, data: ParticleData, amp: torch.dtype | None = None, batch_size: int = 256,
-                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Posterior means and log-variances (N, zdim) float32 for every row of `data`, in row order."""
+                   progress: bool = True, dist: Dist | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior means and log-variances (N, zdim) float32 for every row of `data`, in row order.
+
+    With several processes each encodes a contiguous share of the rows and the results are summed into
+    zero-filled arrays (exact: every entry has one non-zero term), so every rank holds all rows in
+    canonical order.
+    """
+    dist = dist or Dist()
     n, zdim = data.n, model.zdim
     mu_all = np.zeros((n, zdim), dtype=np.float32)
     lv_all = np.zeros((n, zdim), dtype=np.float32)
@@ -212,14 +237,19 @@ def encode_latents(model: HetVAE, data: ParticleData, amp: torch.dtype | None = 
         return mu_all, lv_all
     was = model.training
     model.eval()
-    bar = tqdm(total=n, desc="encoding", unit="img", disable=not progress, mininterval=1.0, file=sys.stderr)
-    for b in data.batches(np.arange(n), batch_size):
+    mine = dist.shard(np.arange(n))
+    bar = tqdm(total=len(mine), desc="encoding", unit="img", disable=not progress, mininterval=1.0,
+               file=sys.stderr)
+    for b in data.batches(mine, batch_size):
         with torch.autocast(b.y.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             mu, lv = model.encode(b.y, b.ctf)
         idx = b.pos.numpy()
         mu_all[idx], lv_all[idx] = mu.float().cpu().numpy(), lv.float().cpu().numpy()
         bar.update(len(idx))
     bar.close()
+    if dist.active:
+        both = dist.all_reduce_(torch.from_numpy(np.stack([mu_all, lv_all])).to(data.device)).cpu().numpy()
+        mu_all, lv_all = both[0], both[1]
     model.train(was)
     return mu_all, lv_all
 
@@ -344,13 +374,31 @@ def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: 
     stored values (an explicit option that contradicts the run is refused, except those in RESUMABLE).
     `auto_resume` resumes when `outdir` holds a checkpoint of the same run, and otherwise starts afresh
     (see auto_resume_possible).
+
+    Started by torchrun (WORLD_SIZE > 1 in the environment), every process runs this function: rank 0
+    alone writes the run directory, the others train their share of each global batch (drgn_core.distributed).
     """
+    dist = from_env()
+    ok = False
+    try:
+        out = _train(dist, table_path, stack_path, outdir, model_opts, train_opts, ind_path, resume,
+                     progress and dist.is_main, auto_resume, allow_pickle)
+        ok = True
+        return out
+    finally:
+        dist.close(wait=ok)  # after a failure, leave without waiting for the others (torchrun stops them)
+
+
+def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, ind_path, resume: bool,
+           progress: bool, auto_resume: bool, allow_pickle: bool = False) -> Path:
     run = Path(outdir)
+    main = dist.is_main
     model_opts, train_opts = dict(model_opts or {}), dict(train_opts or {})
     # --auto-resume continues the same experiment; a new learning rate takes an explicit --resume
     allowed = RESUMABLE - {"lr"} if auto_resume and not resume else RESUMABLE
-    if auto_resume and not resume:
-        resume = auto_resume_possible(run, model_opts, train_opts, table_path, stack_path, ind_path)
+    if auto_resume and not resume:  # decided (and a leftover removed) by rank 0 alone
+        resume = dist.broadcast(auto_resume_possible(run, model_opts, train_opts, table_path, stack_path,
+                                                     ind_path) if main else None)
     stored = read_run_config(run) if resume else None
     if stored is not None:
         _refuse_conflicts(stored["model"], model_opts, run)
@@ -362,19 +410,20 @@ def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: 
             raise DrgnError(f"{run}: already holds a training run; pass --resume to continue it, or choose "
                             "another output directory")
         tcfg = TrainConfig.from_dict(train_opts)
+    dist.barrier()  # every rank has looked at the directory before rank 0 writes into it
 
     # ---- inputs
     table = read_table(table_path)
     source = open_particles(stack_path, table)
     rows = load_rows(ind_path, len(table), allow_pickle)
-    if stored is not None:
+    if stored is not None and main:  # checksums of a stack of many GB: read once, by rank 0
         _check_same_inputs(stored["inputs"], table_path, stack_path, ind_path)
     train_pos, val_pos = split_validation(len(rows), tcfg.val_frac, tcfg.seed)
 
     # ---- device, threads, precision, model configuration
     if tcfg.threads > 0:
         torch.set_num_threads(tcfg.threads)
-    device = resolve_device(tcfg.device)
+    device = rank_device(resolve_device(tcfg.device), dist)
     amp = resolve_precision(tcfg.precision, device)
     lattice = HalfLattice(source.D)
     if stored is not None:
@@ -391,10 +440,14 @@ def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: 
         scale = estimate_norm_scale(source, train_rows, table.subset(train_rows).shifts_px(source.apix),
                                     lattice, tcfg.seed)
         mcfg = ModelConfig(D=source.D, norm_scale=scale, apix=source.apix, **opts)
-        run.mkdir(parents=True, exist_ok=True)
-        run_config = _run_config(mcfg, tcfg, table_path, stack_path, ind_path, source, len(rows),
-                                 len(train_pos), len(val_pos))
-    write_config(run / "config.yaml", run_config)
+        if main:
+            run.mkdir(parents=True, exist_ok=True)
+        run_config = dist.broadcast(_run_config(mcfg, tcfg, table_path, stack_path, ind_path, source,
+                                                len(rows), len(train_pos), len(val_pos)) if main else None)
+    prev_world = int((run_config.get("distributed") or {}).get("world_size", 1))  # before this start
+    run_config["distributed"] = _distributed_record(dist, tcfg, device)
+    if main:
+        write_config(run / "config.yaml", run_config)
     beta = tcfg.beta if tcfg.beta is not None else (1.0 / mcfg.zdim if mcfg.zdim else 0.0)
 
     # ---- model, optimizer, generator; restored from the last checkpoint on resume
@@ -407,48 +460,62 @@ def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: 
     ck_path = run / "checkpoints" / "last.pt"
     if resume and ck_path.exists():
         state = restore_checkpoint(ck_path, model, opt, gen)
-        log(f"resuming {run} at epoch {state.epoch + 1}, batch {state.step}")
+        if main:
+            log(f"resuming {run} at epoch {state.epoch + 1}, batch {state.step} with {dist.world} "
+                f"process{'es' if dist.world > 1 else ''}")
+            _record_resume(run, run_config, prev_world, state, dist)
         old_lr = opt.param_groups[0]["lr"]
         if old_lr != tcfg.lr:  # Adam's moments are kept; only the step size changes
             for group in opt.param_groups:
                 group["lr"] = tcfg.lr
-            log(f"learning rate {old_lr:g} -> {tcfg.lr:g} from epoch {state.epoch + 1}")
+            if main:
+                log(f"learning rate {old_lr:g} -> {tcfg.lr:g} from epoch {state.epoch + 1}")
 
     data = ParticleData(source, table, rows, lattice, mcfg.norm_scale, device, tcfg.data_mode, tcfg.chunk,
-                        progress)
+                        progress, mix=tcfg.mix_chunks)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"training on {len(train_pos)} images ({len(val_pos)} held out), D = {mcfg.D}, zdim = {mcfg.zdim}, "
-        f"{n_params:,} parameters, {device}, {'bf16' if amp else 'fp32'}, data in {data.mode}")
+    if dist.active and main:
+        log(f"{dist.world} processes ({dist.backend}): global batch {tcfg.batch_size}, about "
+            f"{math.ceil(tcfg.batch_size / dist.world)} images per process and step, lr {tcfg.lr:g}")
+    if main:
+        log(f"training on {len(train_pos)} images ({len(val_pos)} held out), D = {mcfg.D}, "
+            f"zdim = {mcfg.zdim}, {n_params:,} parameters, {device}, {'bf16' if amp else 'fp32'}, "
+            f"data in {data.mode}")
 
     # ---- the loop
     model.train()
     while state.epoch < tcfg.epochs:
-        run_epoch(model, opt, gen, data, train_pos, tcfg, beta, amp, state, ck_path, run_config, progress)
-        val = evaluate(model, data, val_pos, beta, amp)
+        run_epoch(model, opt, gen, data, train_pos, tcfg, beta, amp, state, ck_path, run_config, progress,
+                  dist)
+        val = evaluate(model, data, val_pos, beta, amp, dist=dist)
         s_loss, s_mse, s_kl, n_img = state.sums
         row = {"epoch": state.epoch + 1, "loss": s_loss / n_img, "mse": s_mse / n_img, "kl": s_kl / n_img,
                "val_loss": val["loss"], "val_mse": val["mse"], "val_kl": val["kl"],
                "images_per_s": n_img / max(state.seconds, 1e-9), "seconds": state.seconds,
                "peak_mem_MiB": peak_memory_mib(device), "lr": opt.param_groups[0]["lr"]}
         state.log.append({k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()})  # plain types
-        log(f"epoch {row['epoch']}/{tcfg.epochs}  loss {row['loss']:.5f}  mse {row['mse']:.5f}  "
-            f"kl {row['kl']:.3f}  val {row['val_loss']:.5f}  {row['images_per_s']:.1f} img/s  "
-            f"{state.seconds:.0f} s  peak {row['peak_mem_MiB']:.0f} MiB")
-        write_log(run / "train_log.csv", state.log)
+        if main:
+            log(f"epoch {row['epoch']}/{tcfg.epochs}  loss {row['loss']:.5f}  mse {row['mse']:.5f}  "
+                f"kl {row['kl']:.3f}  val {row['val_loss']:.5f}  {row['images_per_s']:.1f} img/s  "
+                f"{state.seconds:.0f} s  peak {row['peak_mem_MiB']:.0f} MiB")
+            write_log(run / "train_log.csv", state.log)
         state.epoch, state.step, state.sums, state.seconds = state.epoch + 1, 0, [0.0] * 4, 0.0
         done = state.epoch == tcfg.epochs
         if tcfg.encode_every and state.epoch % tcfg.encode_every == 0 and not done:
-            mu, _ = encode_latents(model, data, amp, progress=progress)
-            save_npy(run / "checkpoints" / f"z.{state.epoch:03d}.npy", mu)
-        if state.epoch % tcfg.checkpoint_every == 0 or done:
+            mu, _ = encode_latents(model, data, amp, progress=progress, dist=dist)  # every rank takes part
+            if main:
+                save_npy(run / "checkpoints" / f"z.{state.epoch:03d}.npy", mu)
+        if main and (state.epoch % tcfg.checkpoint_every == 0 or done):
             save_checkpoint(ck_path, model, opt, gen, state, run_config)
 
     note = overfitting_note(state.log)
-    if note:
+    if note and main:
         log(f"{run}: {note}")
 
     # ---- final outputs; model.pt last, so that its presence means a finished run
-    mu, logvar = encode_latents(model, data, amp, progress=progress)
+    mu, logvar = encode_latents(model, data, amp, progress=progress, dist=dist)
+    if not main:
+        return run
     save_npy(run / "z.npy", mu)
     save_npy(run / "z_logvar.npy", logvar)
     write_index_files(rows, run / "indices.npy")
@@ -484,36 +551,101 @@ def overfitting_note(rows: list[dict], patience: int = 3, tolerance: float = 1e-
 
 def run_epoch(model: HetVAE, opt: torch.optim.Optimizer, gen: torch.Generator, data: ParticleData,
               train_pos: np.ndarray, tcfg: TrainConfig, beta: float, amp: torch.dtype | None, state: Progress,
-              ck_path: Path, run_config: dict, progress: bool) -> None:
-    """Train the rest of epoch `state.epoch` from batch `state.step`, checkpointing mid-epoch on a timer."""
+              ck_path: Path, run_config: dict, progress: bool, dist: Dist | None = None) -> None:
+    """Train the rest of epoch `state.epoch` from batch `state.step`, checkpointing mid-epoch on a timer.
+
+    `state.step` counts global batches. With several processes, every rank draws the epoch's order (a
+    function of seed and epoch), takes its slice of each global batch, and the gradients of
+    loss · b_rank / B are summed over ranks before the (identical) optimizer step on every rank; rank 0
+    writes the checkpoints, whose contents every rank shares.
+    """
+    dist = dist or Dist()
+    main = dist.is_main
     steps = math.ceil(len(train_pos) / tcfg.batch_size)
     order = data.epoch_order(train_pos, tcfg.seed, state.epoch)
     # running sums loss·B, mse·B, kl·B stay on the device (no host sync per step); images on the host
     acc = torch.tensor(state.sums[:3], dtype=torch.float64, device=data.device)
     n_img = state.sums[3]
+    params = [p for p in model.parameters() if p.requires_grad]
+    step_rows: list[str] = []
     bar = tqdm(total=steps, initial=state.step, desc=f"epoch {state.epoch + 1}/{tcfg.epochs}", unit="batch",
                disable=not progress, leave=False, mininterval=1.0, file=sys.stderr)
     t0 = last_save = time.perf_counter()
     seconds0 = state.seconds
-    for batch in data.batches(order, tcfg.batch_size, start=state.step * tcfg.batch_size):
-        loss, mse, kl = batch_loss(model, batch, beta, amp, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    for batch in data.batches(order, tcfg.batch_size, start=state.step * tcfg.batch_size, rank=dist.rank,
+                              world=dist.world):
         b = len(batch.pos)
-        acc += torch.stack([loss.detach(), mse.detach(), kl.detach()]).double() * b
-        n_img += b
+        opt.zero_grad(set_to_none=True)
+        if dist.active:
+            n_glob = batch.n_global
+            if b:
+                loss, mse, kl = batch_loss(model, batch, beta, amp, gen)
+                (loss * (b / n_glob)).backward()  # summed over ranks: the global batch's mean loss
+                local = torch.stack([loss.detach(), mse.detach(), kl.detach()]).double() * b
+            else:  # no image of this batch here: keep the shared generator in step, contribute zeros
+                if model.zdim > 0:
+                    torch.randn((n_glob, model.zdim), generator=gen, device=data.device)
+                local = torch.zeros(3, dtype=torch.float64, device=data.device)
+            summed = sum_gradients_(params, local, dist)
+            step_sums, b_step = summed, n_glob
+        else:
+            loss, mse, kl = batch_loss(model, batch, beta, amp, gen)
+            loss.backward()
+            step_sums, b_step = torch.stack([loss.detach(), mse.detach(), kl.detach()]).double() * b, b
+        opt.step()
+        acc += step_sums
+        n_img += b_step
         state.step += 1
+        if tcfg.log_steps and main:
+            s_loss, s_mse, s_kl = (step_sums / b_step).tolist()
+            step_rows.append(f"{state.epoch + 1},{state.step},{b_step},{s_loss:.9g},{s_mse:.9g},{s_kl:.9g}\n")
         bar.update(1)
         if state.step % 50 == 0:
             bar.set_postfix(loss=f"{acc[0].item() / n_img:.4f}", refresh=False)
         now = time.perf_counter()
-        if 0 < tcfg.checkpoint_minutes * 60 < now - last_save and state.step < steps:
+        if main and 0 < tcfg.checkpoint_minutes * 60 < now - last_save and state.step < steps:
             state.sums, state.seconds = [*acc.tolist(), n_img], seconds0 + now - t0
+            _append_steps(ck_path.parent.parent, step_rows)
             save_checkpoint(ck_path, model, opt, gen, state, run_config)
             last_save = now
     bar.close()
     state.sums, state.seconds = [*acc.tolist(), n_img], seconds0 + time.perf_counter() - t0
+    if main:
+        _append_steps(ck_path.parent.parent, step_rows)
+
+
+def _append_steps(run: Path, rows: list[str]) -> None:
+    """Add rows to train_steps.csv (--log-steps). A resumed run repeats the steps done after its last
+    checkpoint; the last row of an (epoch, step) pair is the one that counts."""
+    if not rows:
+        return
+    f = run / "train_steps.csv"
+    new = not f.exists()
+    with open(f, "a") as fh:
+        if new:
+            fh.write("epoch,step,images,loss,mse,kl\n")
+        fh.writelines(rows)
+    rows.clear()
+
+
+def _distributed_record(dist: Dist, tcfg: TrainConfig, device: torch.device) -> dict:
+    """config.yaml's `distributed` entry: how many processes trained, and the global batch and learning
+    rate they used (the batch is global: processes split it, so the lr needs no rescaling)."""
+    return {"world_size": dist.world, "backend": dist.backend if dist.active else "none",
+            "device_type": device.type, "global_batch": tcfg.batch_size,
+            "batch_per_process": math.ceil(tcfg.batch_size / dist.world), "lr": tcfg.lr}
+
+
+def _record_resume(run: Path, run_config: dict, before: int, state: Progress, dist: Dist) -> None:
+    """Note a resume in config.yaml (`resumes`), and say so when the number of processes changed."""
+    entry = {"epoch": state.epoch + 1, "batch": state.step, "world_size": dist.world,
+             "previous_world_size": before, "at": datetime.now(UTC).isoformat(timespec="seconds")}
+    run_config["resumes"] = [*run_config.get("resumes", []), entry]
+    if before != dist.world:
+        log(f"{run}: resuming with {dist.world} process{'es' if dist.world > 1 else ''} where the run had "
+            f"{before}; the global batch ({run_config['training']['batch_size']}) and the order are "
+            "unchanged")
+    write_config(run / "config.yaml", run_config)
 
 
 def _run_config(mcfg: ModelConfig, tcfg: TrainConfig, table_path, stack_path, ind_path, source,

@@ -3,7 +3,8 @@
 The module fixture brings the cluster up with scripts/slurm/up.sh (Debian's slurm-wlm and munge, installed
 when missing; one node with a fake GPU) and always shuts it down with scripts/slurm/down.sh, which stops
 exactly the daemons it started. The test then runs the default workflow — config/config.yaml as shipped,
-with only the memory requests lowered to fit a small CI machine's node — with `--profile profiles/slurm`
+with only the memory requests lowered to fit a small CI machine's node, and the high-res training run as
+two data-parallel CPU processes (gloo, highres.processes: 2) — with `--profile profiles/slurm`
 under `timeout -s INT`, checks that training jobs went to the GPU partition with a GPU and the others did
 not, and that the report's ground-truth metrics are those the README promises (junk-filter F1 >= 0.9,
 high-res |Spearman rho| >= 0.85). It skips, saying why, only where the packages cannot be installed.
@@ -67,6 +68,8 @@ def test_workflow_runs_on_slurm(slurm_cluster, tmp_path):
     for res in config["resources"].values():
         res["mem_mb"] = min(res["mem_mb"], 1500)
         res["threads"] = min(res["threads"], cpus)
+    # the high-res job trains data-parallel: two CPU processes (gloo) started by drgn train --nproc 2
+    config["highres"]["processes"] = 2
     cfg = write_config(tmp_path, config)
     slurm_env = {**env(), **slurm_cluster}
     cmd = ["timeout", "-s", "INT", "-k", "30", "1500",
@@ -100,6 +103,9 @@ def test_workflow_runs_on_slurm(slurm_cluster, tmp_path):
                 assert j["Partition"] == "gpu" and "gpu:1" in j.get("TresPerJob", ""), j
             else:
                 assert j["Partition"] == "cpu" and "gpu" not in j.get("TresPerJob", ""), j
+    # the high-res model was trained by two processes, which recorded it
+    run_cfg = yaml.safe_load((tmp_path / "results" / "highres" / "train" / "config.yaml").read_text())
+    assert run_cfg["distributed"]["world_size"] == 2 and run_cfg["distributed"]["backend"] == "gloo"
     # the jobs' own logs were kept (slurm-keep-successful-logs in the profile)
     assert any((tmp_path / ".snakemake" / "slurm_logs").rglob("*.log"))
     assert os.environ.get("SLURM_CONF") != slurm_cluster["SLURM_CONF"]  # nothing leaked into this process

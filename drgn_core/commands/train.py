@@ -19,8 +19,18 @@ Defaults follow the paper: Adam, learning rate 1e-4, batch 8, 256×3 encoder and
 positional encoding (σ 0.5), β = 1/zdim. bf16 autocast is used where the hardware has bf16 arithmetic
 (recent GPUs; CPUs with AVX-512 BF16 or AMX): measured 2.2-3.6× faster on the CPU with the same accuracy.
 
+Several devices (data-parallel, torch.distributed: NCCL between GPUs, gloo between CPU processes):
+--nproc N (alias --gpus N) starts N processes on this node through torchrun, one per GPU; each trains its
+share of every global batch (--batch-size is the global batch; the learning rate is not rescaled). On
+several nodes, start one `drgn train ... --nproc G --nnodes N` per node (srun does), which rendezvous at
+--rdzv (default: the first node of the SLURM allocation). A run may be resumed on another number of
+processes; config.yaml records each resume (`resumes`) and the processes used (`distributed`).
+
 Example:
   drgn train table.star particles.128.mrcs -o runs/pilot --zdim 10 --epochs 50
+  drgn train table.star particles.128.mrcs -o runs/pilot4 --zdim 10 --gpus 4
+  srun --nodes 2 --ntasks-per-node 1 --gpus-per-node 4 \\
+      drgn train table.star particles.256.mrcs -o runs/big --zdim 10 --gpus 4 --nnodes 2
   drgn train table.star particles.256.mrcs -o runs/highres --zdim 10 --ind kept.npy \\
       --enc-dim 1024 --dec-dim 1024 --epochs 25
 """
@@ -29,7 +39,8 @@ Example:
 MODEL_KEYS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_type", "pe_dim", "feat_sigma",
               "enc_mask")
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "beta", "seed", "device", "precision", "threads", "val_frac",
-              "checkpoint_every", "checkpoint_minutes", "data_mode", "chunk", "encode_every")
+              "checkpoint_every", "checkpoint_minutes", "data_mode", "chunk", "mix_chunks",
+              "encode_every", "log_steps")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,13 +86,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     r.add_argument("--data-mode", choices=["auto", "memory", "stream"],
                    help="hold the prepared images in memory or stream chunks from the stack (default auto)")
-    r.add_argument("--chunk", type=int, help="images per streamed chunk (default 4096)")
+    r.add_argument("--chunk", type=int,
+                   help="images per streamed chunk, read in one go (default 0: as many as make 8 MiB once "
+                        "prepared, e.g. 650 at D = 64)")
+    r.add_argument("--mix-chunks", type=int,
+                   help="streamed chunks, in random order, whose images are shuffled together: batches mix "
+                        "particles from distant parts of the stack; memory ~3 x chunk x mix (default 4)")
+    r.add_argument("--nproc", "--gpus", dest="nproc", type=int, default=1,
+                   help="processes on this node, one per GPU (or CPU processes, gloo, without GPUs); > 1 "
+                        "re-executes this command through torchrun (default 1)")
+    r.add_argument("--nnodes", type=int, default=1,
+                   help="nodes taking part; run the same command on each, e.g. by srun (default 1)")
+    r.add_argument("--rdzv", help="HOST[:PORT] where the nodes meet (default: the first node of the SLURM "
+                                  "allocation, port 29500)")
     c = p.add_argument_group("checkpoints")
     c.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default 1)")
     c.add_argument("--checkpoint-minutes", type=float,
                    help="also checkpoint within an epoch after this many minutes; 0 = never (default 30)")
     c.add_argument("--encode-every", type=int,
                    help="also save checkpoints/z.EEE.npy every N epochs (default 0: only at the end)")
+    c.add_argument("--log-steps", action="store_true", default=None,
+                   help="also write train_steps.csv: the global batch's loss, MSE and KL at every step")
 
 
 def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
@@ -91,11 +116,12 @@ def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
 def _validate(opts: dict) -> None:
     from drgn_core.errors import DrgnError
 
-    positive = ("enc_dim", "dec_dim", "epochs", "batch_size", "checkpoint_every", "chunk")
+    positive = ("enc_dim", "dec_dim", "epochs", "batch_size", "checkpoint_every", "mix_chunks", "nproc",
+                "nnodes")
     for k in positive:
         if k in opts and opts[k] < 1:
             raise DrgnError(f"--{k.replace('_', '-')} must be >= 1, got {opts[k]}")
-    for k in ("enc_layers", "dec_layers", "zdim", "threads", "encode_every", "pe_dim", "enc_mask"):
+    for k in ("enc_layers", "dec_layers", "zdim", "threads", "encode_every", "pe_dim", "enc_mask", "chunk"):
         if k in opts and opts[k] < 0:
             raise DrgnError(f"--{k.replace('_', '-')} must be >= 0, got {opts[k]}")
     for k in ("lr", "feat_sigma"):
@@ -105,13 +131,78 @@ def _validate(opts: dict) -> None:
         raise DrgnError(f"--beta must be >= 0, got {opts['beta']}")
 
 
+def _command_line(args: argparse.Namespace) -> list[str]:
+    """This command's arguments, rebuilt from `args` without the launch options."""
+    out = [args.table, args.stack, "-o", args.outdir]
+    out += ["--ind", args.ind] if args.ind else []
+    out += ["--resume"] if args.resume else []
+    out += ["--auto-resume"] if args.auto_resume else []
+    for k, v in {**_given(args, MODEL_KEYS), **_given(args, TRAIN_KEYS)}.items():
+        flag = "--" + k.replace("_", "-")
+        out += [flag] if v is True else [flag, str(v)]
+    return out
+
+
+def _rendezvous(args: argparse.Namespace) -> str:
+    """HOST:PORT for a multi-node start: --rdzv, else the first host of the SLURM allocation."""
+    import os
+    import subprocess
+
+    from drgn_core.errors import DrgnError
+
+    spec = args.rdzv
+    if not spec:
+        nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+        if not nodes and os.environ.get("SLURM_JOB_ID"):  # a job step that was given only the job's id
+            q = subprocess.run(["squeue", "-h", "-j", os.environ["SLURM_JOB_ID"], "-o", "%N"],
+                               capture_output=True, text=True)
+            nodes = q.stdout.strip() if q.returncode == 0 else None
+        if not nodes:
+            raise DrgnError("--nnodes > 1 needs --rdzv HOST[:PORT] outside a SLURM allocation")
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True)
+        if out.returncode != 0 or not out.stdout.split():
+            raise DrgnError(f"cannot list the nodes of SLURM_JOB_NODELIST={nodes} (scontrol show hostnames)")
+        spec = out.stdout.split()[0]
+    return spec if ":" in spec else f"{spec}:29500"
+
+
+def launch(args: argparse.Namespace) -> None:
+    """Re-execute this command as a torchrun job of --nproc processes per node (does not return).
+
+    One node: torchrun's standalone rendezvous on a free local port. Several: the c10d rendezvous at
+    `_rendezvous`, with the SLURM job id (when there is one) naming the job so that a second job on the
+    same nodes does not join it.
+    """
+    import os
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}"]
+    if args.nnodes > 1:
+        cmd += [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={_rendezvous(args)}",
+                f"--rdzv-id={os.environ.get('SLURM_JOB_ID', 'drgn-train')}"]
+    else:
+        cmd += ["--standalone"]
+    cmd += ["-m", "drgn_core.cli", "train", *_command_line(args)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
+
+
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from drgn_core.io.atomic import refuse_overwrite_input
     from drgn_core.train import train
 
     model_opts, train_opts = _given(args, MODEL_KEYS), _given(args, TRAIN_KEYS)
-    _validate({**model_opts, **train_opts})
+    _validate({**model_opts, **train_opts, "nproc": args.nproc, "nnodes": args.nnodes})
+    if (args.nproc > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ:
+        launch(args)
     refuse_overwrite_input([args.outdir], [args.table, args.stack, args.ind])
+    if "WORLD_SIZE" in os.environ and os.environ.get("RANK", "0") != "0":
+        train(args.table, args.stack, args.outdir, model_opts, train_opts, ind_path=args.ind,
+              resume=args.resume, auto_resume=args.auto_resume)
+        return 0
     run_dir = train(args.table, args.stack, args.outdir, model_opts, train_opts, ind_path=args.ind,
                     resume=args.resume, auto_resume=args.auto_resume, allow_pickle=args.allow_pickle)
     print(f"trained model written to {run_dir}/model.pt; latents in {run_dir}/z.npy")

@@ -308,3 +308,35 @@ def get_report_label(prefix=""):
         return {"figure": prefix.format(name=wildcards.name)}
 
     return label
+
+
+# ---- data-parallel high-res training (highres.nodes, highres.processes; rules/highres.smk)
+def highres_resources():
+    """The job's scheduler resources: those of any training job, and for several nodes --nodes, G GPUs
+    per node (gres) and `mpi` (the job step's plugin then runs the shell as is, and srun is ours).
+    """
+    res = get_resources("highres")
+    nodes = config["highres"]["nodes"]
+    if nodes > 1:
+        gpus = res.pop("gpu", 0)
+        res.update(nodes=nodes, tasks=nodes, mpi="srun")
+        if gpus:
+            res["gres"] = f"gpu:{gpus}"
+    return res
+
+
+def highres_launch():
+    """The command prefix that starts the training processes: srun, one per node, for several nodes."""
+    nodes = config["highres"]["nodes"]
+    if nodes > 1:
+        return f"srun --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 "
+    return ""
+
+
+def highres_process_flags(threads):
+    """`drgn train` flags for the job's processes: each its share of the job's threads, --nproc/--nnodes."""
+    nodes, procs = config["highres"]["nodes"], config["highres"]["processes"]
+    flags = f"--threads {max(1, threads // procs)}"
+    if nodes > 1:
+        return f"{flags} --nproc {procs} --nnodes {nodes}"
+    return f"{flags} --nproc {procs}" if procs > 1 else flags

@@ -1,5 +1,8 @@
 # Stage 4: the final model, trained on the particles the filter kept (their canonical rows, --ind), at a
 # larger box and with larger networks, holding out a random fraction for the validation loss.
+# highres.processes > 1 trains data-parallel on one node (`drgn train --nproc P`: torchrun, one process per
+# GPU); highres.nodes > 1 asks SLURM for N nodes with G GPUs each and starts one `drgn train --nproc P
+# --nnodes N` per node with srun (the rendezvous is the job's first node).
 
 
 rule train_highres:
@@ -23,11 +26,13 @@ rule train_highres:
         "../../envs/gpu.yaml"
     threads: get_threads("highres")
     resources:
-        **get_resources("highres"),
+        **highres_resources(),
     params:
         run_dir=folder_of_output("model"),
         train_flags=get_train_flags("highres"),
+        launcher=highres_launch(),
+        process_flags=lambda wildcards, threads: highres_process_flags(threads),
         version=DRGN_VERSION,
     shell:
-        "drgn train {input.table} {input.stack} -o {params.run_dir} --auto-resume --ind {input.kept} "
-        "{params.train_flags} --threads {threads} > {log} 2>&1"
+        "{params.launcher}drgn train {input.table} {input.stack} -o {params.run_dir} --auto-resume "
+        "--ind {input.kept} {params.train_flags} {params.process_flags} > {log} 2>&1"
