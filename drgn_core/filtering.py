@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from drgn_core.errors import InputError
+from drgn_core.io.indices import read_index_file, write_index_files
 
 OPS = {"<=": np.less_equal, ">=": np.greater_equal, "<": np.less, ">": np.greater}
 COMBINE = ("intersection", "union")
@@ -376,7 +377,7 @@ class RunOutcome:
 
 
 def run_filters(rs: RunSpec) -> RunOutcome:
-    from drgn_core.analysis import load_run
+    from drgn_core.rundir import load_run
 
     run = load_run(rs.run)
     results = [apply_filter(run.z, f, rs.run) for f in rs.filters]
@@ -502,8 +503,7 @@ def run_filter_spec(spec: Spec, outdir: str | os.PathLike, table_path: str | os.
                                   **junk_scores(removed, universe, table.gt("drgnGtJunk"))}
     with atomic_dir(outdir) as tmp:
         for name, rows in (("kept", kept), ("removed", removed)):
-            np.save(tmp / f"{name}.npy", rows.astype(np.int64))
-            np.savetxt(tmp / f"{name}.txt", rows, fmt="%d")
+            write_index_files(rows, tmp / f"{name}.npy")
         with open(tmp / "filter.json", "w") as f:
             json.dump(report, f, indent=1)
         _plot(outcomes, kept, tmp / "filter.png", plot_seed)

@@ -50,6 +50,7 @@ from drgn_core.models import (
     model_payload,
     vae_loss,
 )
+from drgn_core.rundir import resolve_device
 
 CHECKPOINT_FORMAT = "drgnflow-checkpoint/1"
 # Options a resumed run may change: speed and bookkeeping, the length of training, and the learning rate
@@ -104,15 +105,6 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a ch
 
 def log(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DrgnError(f"--device {name}: no CUDA GPU is available (use --device cpu or auto)")
-    return dev
 
 
 def cpu_has_native_bf16() -> bool:
