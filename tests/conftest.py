@@ -10,14 +10,12 @@ import pytest
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 ROOT = Path(__file__).resolve().parents[1]
-CONVENTIONS = ROOT.parent / "shared" / "fixtures" / "conventions"
+CONVENTIONS = ROOT / "tests" / "data" / "conventions"
 
 
 @pytest.fixture(scope="session")
 def conventions_dir() -> Path:
-    """The independent conventions fixture (../shared/fixtures/conventions); skip only where it is absent."""
-    if not CONVENTIONS.is_dir():
-        pytest.skip(f"conventions fixture not found at {CONVENTIONS}")
+    """The independent conventions fixture, shipped in tests/data/conventions (see its README)."""
     return CONVENTIONS
 
 

@@ -18,7 +18,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
-CONVENTIONS = REPO.parent / "shared" / "fixtures" / "conventions"
+CONVENTIONS = REPO / "tests" / "data" / "conventions"  # the independent fixture (its README)
 BIN = Path(sys.executable).parent  # the venv holding snakemake and the `drgn` command
 
 #: A whole-workflow run in about two minutes on 2 cores: what the re-run tests and the SLURM test use.

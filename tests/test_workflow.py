@@ -86,8 +86,6 @@ def test_dry_run_simulate_mode(tmp_path):
 
 @pytest.mark.parametrize("mode, source", [("star", "particles_relion31.star"), ("cs", "particles.cs")])
 def test_dry_run_import_modes(tmp_path, mode, source):
-    if not CONVENTIONS.is_dir():
-        pytest.skip(f"conventions fixture not found at {CONVENTIONS}")
     path = CONVENTIONS / source
     cfg = write_config(tmp_path, {"input": {"mode": mode, "path": str(path), "apix": 3.0, "invert": True},
                                   "pilot": {"D": 16}, "highres": {"D": 48}})
