@@ -161,7 +161,8 @@ def test_empty_config_takes_schema_defaults():
     ({"filter": {"pilots": [{"zdim": 1, "filters": [{"gmm": {}, "norm": {}}]}]}},
      "key 'filter.pilots[0].filters[0]': a filter is one key naming its kind"),
     ({"filter": {"pilots": [{"zdim": 1, "filters": [{"median": {}}]}]}},
-     "key 'filter.pilots[0].filters[0]': unknown key 'median' (allowed: box, gmm, kmeans, norm, threshold)"),
+     "key 'filter.pilots[0].filters[0]': unknown key 'median' "
+     "(allowed: box, gmm, kmeans, norm, selection, threshold)"),
     # cross-field rules
     ({"pilot": {"D": 32}, "highres": {"D": 33}}, "key 'highres.D': box size 33 must be even"),
     ({"pilot": {"D": 64}, "highres": {"D": 48}},

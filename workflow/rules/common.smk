@@ -86,6 +86,12 @@ def get_filtered_pilot_models(wildcards=None):
     return [f"{get_pilot_dir(e['zdim'])}/model.pt" for e in config["filter"]["pilots"]]
 
 
+def get_filter_selections(wildcards=None):
+    """Index files that `selection` filters read: inputs of the filter, so editing one reruns it."""
+    return sorted({item["selection"]["path"] for e in config["filter"]["pilots"] for item in e["filters"]
+                   if "selection" in item})
+
+
 def get_import_source(wildcards=None):
     """The user's STAR or .cs file (input.mode star / cs)."""
     return config["input"]["path"]
