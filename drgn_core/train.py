@@ -13,8 +13,8 @@ sums. A run killed at any moment and resumed from its last checkpoint therefore 
 same thread count, with exactly the weights of an uninterrupted run.
 
 Run directory (docs/architecture.md): config.yaml, checkpoints/last.pt, then at the end model.pt, z.npy,
-z_logvar.npy, indices.npy (+ .txt), val_indices.npy, train_log.csv, learning_curve.png. model.pt is written
-last but one, so its presence marks a finished run.
+z_logvar.npy, indices.npy and val_indices.npy (each + .txt), train_log.csv, learning_curve.png. model.pt is
+written last but one, so its presence marks a finished run.
 """
 
 from __future__ import annotations
@@ -442,7 +442,7 @@ def train(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: 
     save_npy(run / "z.npy", mu)
     save_npy(run / "z_logvar.npy", logvar)
     write_index_files(rows, run / "indices.npy")
-    save_npy(run / "val_indices.npy", rows[val_pos])
+    write_index_files(rows[val_pos], run / "val_indices.npy")
     write_log(run / "train_log.csv", state.log)
     plot_learning_curve(run / "learning_curve.png", state.log)
     with atomic_path(run / "model.pt") as tmp:
