@@ -75,7 +75,7 @@ def _check_gmm(p: dict) -> None:
     elif rm["rule"] == "largest_mean_norm":
         if "factor" in rm:
             raise VocabError("'remove.factor' belongs to rule outlying_mean_norm", "remove.factor")
-        n = _integer(rm.get("n", 1), "remove.n")
+        n = _to_int(rm.get("n", 1), "remove.n")
         if not 1 <= n < p["components"]:
             raise VocabError(f"'remove.n' must be between 1 and components - 1, got {n}", "remove.n")
         p["remove"] = {"rule": "largest_mean_norm", "n": n}
@@ -161,13 +161,13 @@ def _is_numpy(v: Any, kinds: str) -> bool:
     return hasattr(v, "dtype") and getattr(v, "ndim", 1) == 0 and v.dtype.kind in kinds
 
 
-def _integer(v: Any, name: str) -> int:
+def _to_int(v: Any, name: str) -> int:
     if isinstance(v, bool) or not (isinstance(v, int) or _is_numpy(v, "iu")):
         raise VocabError(f"'{name}' must be an integer, got {v!r}", name)
     return int(v)
 
 
-def _number(v: Any, name: str) -> float:
+def _to_float(v: Any, name: str) -> float:
     if isinstance(v, bool) or not (isinstance(v, int | float) or _is_numpy(v, "iuf")):
         raise VocabError(f"'{name}' must be a number, got {v!r}", name)
     return float(v)
@@ -176,7 +176,7 @@ def _number(v: Any, name: str) -> float:
 def _ids(v: Any, name: str, what: str) -> list[int]:
     if not isinstance(v, list) or not v:
         raise VocabError(f"'{name}' must be a list of {what} ids, got {v!r}", name)
-    ids = [_integer(i, name) for i in v]
+    ids = [_to_int(i, name) for i in v]
     if min(ids) < 0:
         raise VocabError(f"{what} id {min(ids)} is negative", name)
     return sorted(set(ids))
@@ -193,9 +193,9 @@ def _value(v: Any, name: str, spec: Param) -> Any:
             raise VocabError(f"'{name}' must be {_one_of(spec.choices)}, got {v!r}", name)
         return v
     if spec.type == "integer":
-        v = _integer(v, name)
+        v = _to_int(v, name)
     elif spec.type == "number":
-        v = _number(v, name)
+        v = _to_float(v, name)
     elif spec.type == "string":
         if not isinstance(v, str) or not v:
             raise VocabError(f"'{name}' must be a non-empty text, got {v!r}", name)
