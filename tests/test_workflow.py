@@ -127,7 +127,8 @@ def test_schema_describes_every_key_and_defaults_every_optional_one():
     # them), how a GMM names what it removes (ids, or a rule with its count n or factor), a box's edges and
     # optional UMAP file (a missing edge is open).
     item = "filter.pilots[].filters[]"
-    alternatives = [f"{item}.{k}: default" for k in ("threshold", "gmm", "kmeans", "norm", "box")]
+    kinds = ("threshold", "gmm", "kmeans", "norm", "box", "selection")
+    alternatives = [f"{item}.{k}: default" for k in kinds]
     alternatives += [f"{item}.gmm.remove.{k}: default" for k in ("ids", "rule", "n", "factor")]
     alternatives += [f"{item}.box.{k}: default" for k in ("xmin", "xmax", "ymin", "ymax", "umap")]
     assert sorted(_keys_missing(schema, schema, "", "default")) == sorted(alternatives)

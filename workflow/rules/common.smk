@@ -88,8 +88,12 @@ def get_filtered_pilot_models(wildcards=None):
 
 def get_filter_selections(wildcards=None):
     """Index files that `selection` filters read: inputs of the filter, so editing one reruns it."""
-    return sorted({item["selection"]["path"] for e in config["filter"]["pilots"] for item in e["filters"]
-                   if "selection" in item})
+    paths = set()
+    for entry in config["filter"]["pilots"]:
+        for item in entry["filters"]:
+            if "selection" in item:
+                paths.add(item["selection"]["path"])
+    return sorted(paths)
 
 
 def get_import_source(wildcards=None):
