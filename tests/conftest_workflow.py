@@ -128,7 +128,7 @@ def run_default_workflow(workdir: Path, slurm_env: dict[str, str] | None) -> dic
     else on this machine; raise with the output's tail and the job logs if it fails. → what ran, where."""
     cfg = write_config(workdir, default_config())
     if slurm_env is None:
-        run_snakemake(workdir, cfg, "--cores", str(min(2, os.cpu_count() or 1)), timeout=1500)
+        run_snakemake(workdir, cfg, "--cores", str(min(2, os.cpu_count() or 1)), timeout=1800)
     else:
         cmd = ["timeout", "-s", "INT", "-k", "30", "1500",
                *snakemake_cmd(workdir, cfg, "--profile", str(SLURM_PROFILE),
