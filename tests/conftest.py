@@ -38,8 +38,8 @@ def default_workflow(tmp_path_factory):
     Where a one-node SLURM cluster can be brought up (scripts/slurm/up.sh; CI), the workflow runs on it
     and test_slurm.py checks where its jobs went; elsewhere (a contributor's machine) it runs locally. Either
     way test_default_accuracy.py asserts the accuracy the README promises, so that check never skips and
-    CI still runs the ~4-minute default workflow only once (DRGNFLOW_NO_SLURM=1 skips the SLURM attempt,
-    e.g. on a machine where installing slurm-wlm is unwanted). The cluster's daemons are stopped afterwards,
+    CI still runs the default workflow (several minutes) only once. DRGNFLOW_NO_SLURM=1 skips the SLURM
+    attempt (e.g. where installing slurm-wlm is unwanted). The cluster's daemons are stopped afterwards,
     pass or fail. Yields {"workdir", "config", "slurm_env" (None when it ran locally), "why_local"}.
     """
     from conftest_workflow import SLURM_DOWN, SLURM_UP, run_default_workflow
