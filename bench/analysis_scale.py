@@ -35,7 +35,7 @@ def mixture(n: int, zdim: int, k: int, seed: int) -> np.ndarray:
 def knn_recall(z: np.ndarray, nbr: np.ndarray, queries: int, seed: int, device: str) -> float:
     """Fraction of the true k nearest neighbours (exact brute force for a random sample of particles)
     that the graph's neighbour lists hold."""
-    from drgn_core.traversal import resolve_device
+    from drgn_core.rundir import resolve_device
 
     rng = np.random.default_rng(seed)
     q = np.sort(rng.choice(len(z), queries, replace=False))
@@ -69,12 +69,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from drgn_core import analysis, traversal
+    from drgn_core import analysis, rundir, traversal
 
     z = mixture(args.n, args.zdim, args.clusters, args.seed)
     times: dict[str, float] = {}
     out: dict = {"n": args.n, "zdim": args.zdim, "clusters": args.clusters, "threads": args.threads,
-                 "device": str(traversal.resolve_device(args.device)), "cpu": platform.processor() or None}
+                 "device": str(rundir.resolve_device(args.device)), "cpu": platform.processor() or None}
     t_all = time.perf_counter()
 
     t = time.perf_counter()

@@ -7,8 +7,8 @@ volumes at percentiles. This module computes them from `z.npy`; the functions he
 definition that `drgn filter` and `drgn traverse` use, so cluster ids and PC coordinates agree between
 an analysis folder and a filter spec written while looking at it.
 
-Volume generation belongs to the training engineer's `drgn_core.models` / `drgn_core.volumes`; every call
-into them goes through `generate_volumes` below, so only that function knows their API.
+Reading the run (`load_run`, `held_out_mask`) and decoding volumes (`write_volumes`) are
+`drgn_core.rundir`'s; this module calls them and holds no model code of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from drgn_core.errors import InputError
+from drgn_core.io.indices import write_index_files
+from drgn_core.rundir import held_out_mask, load_run, write_volumes
 
 UMAP_NEIGHBORS = 15
 UMAP_MIN_DIST = 0.1
@@ -32,84 +34,14 @@ ZDIM1_PERCENTILES = (5, 23, 41, 59, 77, 95)   # the paper's Fig. 3c points for a
 PC_PERCENTILES = (5.0, 95.0)
 
 
-# ---- the run's latents ----------------------------------------------------------------------------------
-@dataclass
-class RunLatents:
-    """The latent means of a training run and the canonical table rows they belong to."""
-
-    run_dir: Path
-    z: np.ndarray            # (N, zdim) float32
-    indices: np.ndarray      # (N,) int64 canonical rows: z[i] is the latent of table row indices[i]
-
-    @property
-    def n(self) -> int:
-        return len(self.z)
-
-    @property
-    def zdim(self) -> int:
-        return int(self.z.shape[1])
-
-
 def _load_npy(path: Path) -> np.ndarray:
+    """A plain (non-pickled) .npy array, with one-line errors naming the file."""
     if not path.exists():
-        raise InputError("no such file (is the folder a finished drgn train run directory?)", path)
+        raise InputError("no such file", path)
     try:
         return np.load(path, allow_pickle=False)
     except Exception as e:  # a truncated file, pickled objects, or not .npy at all
         raise InputError(f"cannot read as a numpy .npy array ({type(e).__name__}: {e})", path) from None
-
-
-def load_run(run_dir: str | os.PathLike) -> RunLatents:
-    """Read `z.npy` and `indices.npy` of a `drgn train` run, checking they agree.
-
-    indices.npy is required rather than assumed to be 0..N-1: a run trained on a filtered subset has
-    latents for some rows only, and guessing would silently attach latents to the wrong particles.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise InputError("no such run directory", run_dir)
-    z = _load_npy(run_dir / "z.npy")
-    if z.ndim == 1:
-        z = z[:, None]
-    if z.ndim != 2 or not np.issubdtype(z.dtype, np.number) or z.shape[0] == 0:
-        raise InputError(f"expected an (N, zdim) numeric array with N > 0, got shape {z.shape} and dtype "
-                         f"{z.dtype}", run_dir / "z.npy")
-    if z.shape[1] == 0:
-        raise InputError("the run has zdim = 0 (a homogeneous reconstruction): there is no latent space to "
-                         "analyse", run_dir / "z.npy")
-    bad = ~np.isfinite(z).all(axis=1)
-    if bad.any():
-        raise InputError(f"{int(bad.sum())} latent rows are NaN or infinite (first: row "
-                         f"{int(np.argmax(bad))}); the training diverged", run_dir / "z.npy")
-    ind = _load_npy(run_dir / "indices.npy")
-    if ind.ndim != 1 or not np.issubdtype(ind.dtype, np.integer):
-        raise InputError(f"expected a 1-D integer array of table rows, got shape {ind.shape} and dtype "
-                         f"{ind.dtype}", run_dir / "indices.npy")
-    if len(ind) != len(z):
-        raise InputError(f"has {len(ind)} rows but z.npy has {len(z)}; they must be aligned",
-                         run_dir / "indices.npy")
-    if len(ind) and ind.min() < 0:
-        raise InputError("holds negative table rows", run_dir / "indices.npy")
-    if len(np.unique(ind)) != len(ind):
-        raise InputError("holds repeated table rows", run_dir / "indices.npy")
-    return RunLatents(run_dir, np.ascontiguousarray(z, dtype=np.float32), ind.astype(np.int64))
-
-
-def held_out_mask(run_dir: str | os.PathLike, indices: np.ndarray) -> np.ndarray | None:
-    """Mask of the run's rows held out of training (its val_indices.npy), or None when there are none.
-
-    Held-out particles have latents (z.npy covers every row) from an encoder that never saw them; at the
-    sizes measured (up to 20,000 images) those latents are close to noise, so analyses name them.
-    """
-    path = Path(run_dir) / "val_indices.npy"
-    if not path.exists():
-        return None
-    val = _load_npy(path)
-    if val.ndim != 1 or not np.issubdtype(val.dtype, np.integer):
-        raise InputError(f"expected a 1-D integer array of table rows, got shape {val.shape}", path)
-    if len(val) == 0:
-        return None
-    return np.isin(indices, val)
 
 
 # ---- PCA ------------------------------------------------------------------------------------------------
@@ -292,66 +224,6 @@ def label_means(z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return values, (sums / counts[:, None]).astype(np.float32), counts
 
 
-# ---- volumes (the only place that calls the model code) -------------------------------------------------
-_MODEL_CACHE: dict[str, tuple] = {}
-
-
-def generate_volumes(run_dir: str | os.PathLike, z: np.ndarray, D: int | None = None,
-                     device: str = "auto") -> tuple[np.ndarray, float]:
-    """Decode density maps at latent points: (vols (m, D, D, D) float32, voxel size Å).
-
-    This is the one function that knows the model API (`drgn_core.models`); the loaded model is cached
-    per run directory so analyze's several volume series load the weights once.
-    """
-    import torch
-
-    from drgn_core import models
-
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    key = f"{Path(run_dir).resolve()}::{dev}"
-    if key not in _MODEL_CACHE:
-        _MODEL_CACHE.clear()
-        _MODEL_CACHE[key] = models.load_model(run_dir, device=dev)
-    model, cfg = _MODEL_CACHE[key]
-    vols = models.generate_volumes(model, cfg, np.asarray(z, dtype=np.float32), D=D)
-    D_out = vols.shape[-1]
-    return vols, float(cfg.apix) * cfg.D / D_out
-
-
-def decode_volumes(run_dir: str | os.PathLike, z: np.ndarray, outdir: str | os.PathLike,
-                   prefix: str = "vol", D: int | None = None, device: str = "auto",
-                   max_ram_bytes: int = 1 << 30) -> Path:
-    """Write one .mrc per latent point (vol_000.mrc, … with z_values.txt) into `outdir`.
-
-    Volumes are decoded 8 at a time; a long series whose volumes would exceed `max_ram_bytes` is
-    collected in a temporary memory-mapped file instead of RAM, so a 500-frame trajectory at D = 256
-    needs disk, not 33 GB of memory.
-    """
-    import tempfile
-
-    from tqdm import tqdm
-
-    from drgn_core.volumes import write_volume_series
-
-    z = np.asarray(z, dtype=np.float32).reshape(len(z), -1)
-    outdir = Path(outdir)
-    first, apix = generate_volumes(run_dir, z[:8], D=D, device=device)
-    m, D_out = len(z), first.shape[-1]
-    with tempfile.TemporaryDirectory(dir=outdir.parent if outdir.parent.exists() else None) as scratch:
-        if m * D_out**3 * 4 > max_ram_bytes:
-            buf = np.lib.format.open_memmap(Path(scratch) / "vols.npy", mode="w+", dtype=np.float32,
-                                            shape=(m, D_out, D_out, D_out))
-        else:
-            buf = np.empty((m, D_out, D_out, D_out), dtype=np.float32)
-        buf[:len(first)] = first
-        for a in tqdm(range(8, m, 8), desc=f"volumes {outdir.name}", unit="batch", file=sys.stderr,
-                      disable=m <= 16):
-            buf[a:a + 8] = generate_volumes(run_dir, z[a:a + 8], D=D, device=device)[0]
-        write_volume_series(buf, z, outdir, apix, prefix=prefix)
-        del buf
-    return outdir
-
-
 # ---- the whole analysis ---------------------------------------------------------------------------------
 @dataclass
 class AnalyzeOptions:
@@ -365,13 +237,6 @@ class AnalyzeOptions:
     labels: str | None = None
     D: int | None = None
     device: str = "auto"
-
-
-def _write_index(path_npy: Path, rows: np.ndarray) -> None:
-    """Canonical rows as .npy (int64) plus the .txt twin humans and other tools read."""
-    rows = np.asarray(rows, dtype=np.int64)
-    np.save(path_npy, rows)
-    np.savetxt(path_npy.with_suffix(".txt"), rows, fmt="%d")
 
 
 def check_outdir(outdir: Path, inputs: list[Path]) -> None:
@@ -412,7 +277,7 @@ def analyze(run_dir: str | os.PathLike, outdir: str | os.PathLike, opts: Analyze
                 np.savetxt(tmp / sub / "z_values.txt", points, fmt="%.8g",
                            header="latent value of each volume (not generated: --skip-volumes)")
             else:
-                decode_volumes(run.run_dir, points, tmp / sub, D=opts.D, device=opts.device)
+                write_volumes(run.run_dir, points, tmp / sub, D=opts.D, device=opts.device)
             summary["outputs"].setdefault("volume_folders", []).append(sub)
 
         # PCA
@@ -454,7 +319,7 @@ def analyze(run_dir: str | os.PathLike, outdir: str | os.PathLike, opts: Analyze
         kdir.mkdir()
         np.save(kdir / "labels.npy", labels_k)
         np.savetxt(kdir / "centers.txt", z[on_data], fmt="%.6g")
-        _write_index(kdir / "centers_ind.npy", run.indices[on_data])
+        write_index_files(run.indices[on_data], kdir / "centers_ind.npy")
         counts = np.bincount(labels_k, minlength=k)
         summary["kmeans"] = {"k": k, "folder": f"kmeans{k}", "counts": counts.tolist(),
                              "centers_ind": run.indices[on_data].tolist(), "centers_z": z[on_data].tolist()}

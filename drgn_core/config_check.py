@@ -9,6 +9,9 @@ catches a bad contrast only inside its R script). Two layers:
 2. cross-field rules a schema cannot express: boxes even, pilot box ≤ high-res box ≤ original box,
    filters naming pilots that exist and latent dimensions those pilots have, input files present.
 
+Filters are checked against drgn_core.filter_vocab, the one table of filter kinds that also gives the
+schema's `$defs.filter_item` (a test keeps the two equal) and that `drgn filter` validates specs with.
+
 Every problem found is reported in one message, so a user fixes a config in one pass.
 
 The module also turns the `filter:` section into the spec document `drgn filter --spec` reads
@@ -26,6 +29,7 @@ from typing import Any
 import yaml
 
 from drgn_core.errors import InputError
+from drgn_core.filter_vocab import VocabError, check_filter
 
 #: The workflow config's schema, shipped inside the package (package data) so that an installed `drgn
 #: check-config` finds it; the Snakefile validates against this same file.
@@ -226,7 +230,7 @@ def cross_field_problems(config: dict, check_files: bool = True, base: Path | No
             p.append(f"key '{key}.zdim': pilot zdim {zdim} is listed twice; put all its filters in one entry")
         seen.add(zdim)
         for j, item in enumerate(entry["filters"]):
-            p.extend(_filter_problems(f"{key}.filters[{j}]", item, zdim, n))
+            p.extend(_filter_problems(f"{key}.filters[{j}]", item, zdim, n, check_files, base))
 
     # sizes that must fit the data
     if n is not None:
@@ -240,35 +244,25 @@ def cross_field_problems(config: dict, check_files: bool = True, base: Path | No
     return p
 
 
-def _filter_problems(key: str, item: dict, zdim: int, n: int | None) -> list[str]:
-    """Checks of one filter against its pilot's latent dimension (and the dataset size when known)."""
-    (kind, opts), = item.items()
+def _filter_problems(key: str, item: dict, zdim: int, n: int | None, check_files: bool = False,
+                     base: Path | None = None) -> list[str]:
+    """One filter against the vocabulary table (drgn_core.filter_vocab, the rules `drgn filter` applies),
+    then against its pilot's latent dimension, the dataset size when known, and the files it reads."""
+    kind = next(iter(item))
+    try:
+        kind, opts = check_filter(item)
+    except VocabError as e:
+        return [f"key '{key}.{kind}{'.' + e.param if e.param else ''}': {e}"]
     p = []
     if kind == "threshold" and opts["dim"] >= zdim:
         p.append(f"key '{key}.threshold.dim': {opts['dim']} is not a dimension of a zdim {zdim} latent "
                  f"(0..{zdim - 1})")
-    if kind == "box":
-        edges = [e for e in ("xmin", "xmax", "ymin", "ymax") if e in opts]
-        if not edges:
-            p.append(f"key '{key}.box': give at least one of xmin, xmax, ymin, ymax")
-        if zdim < 2 and any(e in opts for e in ("ymin", "ymax")):
-            p.append(f"key '{key}.box': a zdim 1 pilot has no y axis (PC2); bound x only")
-    if kind == "gmm":
-        ids = opts["remove"].get("ids", [])
-        if "ids" in opts["remove"] and "rule" in opts["remove"]:
-            p.append(f"key '{key}.gmm.remove': give ids or rule, not both")
-        if any(i >= opts["components"] for i in ids):
-            p.append(f"key '{key}.gmm.remove.ids': ids {ids} beyond the {opts['components']} components")
-        if opts["remove"].get("n", 1) >= opts["components"]:
-            p.append(f"key '{key}.gmm.remove.n': removing {opts['remove']['n']} of {opts['components']} "
-                     "components leaves nothing")
-        if n is not None and opts["components"] >= n:
-            p.append(f"key '{key}.gmm.components': {opts['components']} components for {n} particles")
-    if kind == "kmeans" and any(i >= opts["k"] for i in opts["remove_ids"]):
-        p.append(f"key '{key}.kmeans.remove_ids': ids {opts['remove_ids']} beyond k = {opts['k']}")
-    if kind == "box" and any(lo in opts and hi in opts and opts[lo] >= opts[hi]
-                             for lo, hi in (("xmin", "xmax"), ("ymin", "ymax"))):
-        p.append(f"key '{key}.box': needs xmin < xmax and ymin < ymax")
+    if kind == "box" and zdim < 2 and any(e in opts for e in ("ymin", "ymax")):
+        p.append(f"key '{key}.box': a zdim 1 pilot has no y axis (PC2); bound x only")
+    if kind == "gmm" and n is not None and opts["components"] >= n:
+        p.append(f"key '{key}.gmm.components': {opts['components']} components for {n} particles")
+    if kind == "selection" and check_files and not ((base or Path.cwd()) / opts["path"]).is_file():
+        p.append(f"key '{key}.selection.path': file {opts['path']} does not exist")
     return p
 
 

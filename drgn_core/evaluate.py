@@ -94,10 +94,10 @@ def select_even(coord: np.ndarray, states: np.ndarray, usable: np.ndarray, n: in
 def per_image_fsc(run_dir: str | os.PathLike, z: np.ndarray, gt_ids: np.ndarray, gt_dir: str | os.PathLike,
                   device: str = "auto") -> dict:
     """FSC between the volume decoded at each z[i] and ground-truth volume gt_ids[i] → summary + curves."""
-    from drgn_core.analysis import generate_volumes
     from drgn_core.fourier import downsample_volume
     from drgn_core.fsc import crossing, fsc_auc, fsc_curve
     from drgn_core.io.mrc import read_mrc
+    from drgn_core.rundir import decode_volumes
 
     gt_dir = Path(gt_dir)
     if not gt_dir.is_dir():
@@ -106,7 +106,7 @@ def per_image_fsc(run_dir: str | os.PathLike, z: np.ndarray, gt_ids: np.ndarray,
     aucs, res, curves = [], [], []
     freq, apix = None, 1.0
     for a in range(0, len(z), 8):
-        vols, apix = generate_volumes(run_dir, z[a:a + 8], device=device)
+        vols, apix = decode_volumes(run_dir, z[a:a + 8], device=device)
         D = vols.shape[-1]
         for vol, gid in zip(vols, gt_ids[a:a + 8]):
             gid = int(gid)
@@ -131,27 +131,16 @@ def per_image_fsc(run_dir: str | os.PathLike, z: np.ndarray, gt_ids: np.ndarray,
             "_curves": np.array(curves)}
 
 
-def _read_rows(path: Path) -> np.ndarray:
-    if not path.exists():
-        raise InputError("no such file (is the folder a drgn filter output?)", path)
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise InputError(f"cannot read as a numpy .npy array ({type(e).__name__}: {e})", path) from None
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise InputError(f"expected a 1-D integer array of table rows, got shape {arr.shape}", path)
-    return arr.astype(np.int64)
-
-
 def evaluate(run_dir: str | os.PathLike, table_path: str | os.PathLike, out_json: str | os.PathLike,
              gt_dir: str | os.PathLike | None = None, filter_dir: str | os.PathLike | None = None,
              n_fsc: int = 100, seed: int = 0, plot: str | os.PathLike | None = None,
              device: str = "auto") -> dict:
     """Compute every metric the inputs allow and write them as JSON (atomically)."""
-    from drgn_core.analysis import held_out_mask, load_run
     from drgn_core.filtering import junk_scores
     from drgn_core.io.atomic import atomic_path
+    from drgn_core.io.indices import read_index_file
     from drgn_core.io.table import GT_COLUMNS, read_table
+    from drgn_core.rundir import held_out_mask, load_run
 
     run = load_run(run_dir)
     table = read_table(table_path)
@@ -184,11 +173,9 @@ def evaluate(run_dir: str | os.PathLike, table_path: str | os.PathLike, out_json
         }
     if filter_dir is not None:
         fd = Path(filter_dir)
-        kept, removed = _read_rows(fd / "kept.npy"), _read_rows(fd / "removed.npy")
+        kept, removed = (read_index_file(fd / f"{name}.npy", len(table), allow_empty=True)
+                         for name in ("kept", "removed"))
         universe = np.union1d(kept, removed)
-        if len(universe) and universe.max() >= len(table):
-            raise InputError(f"holds table row {int(universe.max())}, but the table has {len(table)} rows",
-                             fd)
         metrics["filter"] = {"dir": str(fd), **junk_scores(removed, universe, table.gt("drgnGtJunk"))}
     curves = None
     if gt_dir is not None:

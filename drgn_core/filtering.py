@@ -17,9 +17,10 @@ Here such a decision is a YAML spec, so it can be rerun, reviewed and versioned:
 A spec may also be just the list under `runs:`. Run paths are relative to the working directory, like
 every other path on the command line.
 
-Filters (each names the particles it REMOVES):
+Filters (each names the particles it REMOVES; parameters, types and defaults are the table in
+drgn_core.filter_vocab, shared with the workflow config's schema and `drgn check-config`):
 
-- threshold {dim, op (<=, >=, <, >), value}: z[:, dim] op value.
+- threshold {dim = 0, op (<=, >=, <, >) = <=, value}: z[:, dim] op value.
 - gmm {components = 5, covariance = full, seed = 0, remove: {ids: [...]} | {rule: largest_mean_norm, n = 1}}:
   a Gaussian mixture on z; removes the listed components, or the n components whose members have the
   largest mean ‖z‖ (the paper's outlier cluster, found there "by visualizing the magnitude of the latent
@@ -31,10 +32,14 @@ Filters (each names the particles it REMOVES):
 - kmeans {k = 20, seed = 0, remove_ids: [...]}: `drgn_core.analysis.kmeans`, the same clustering (same ids)
   as `drgn analyze` with the same k and seed, so ids read off an analysis can be removed here.
 - norm {k_std = 3}: ‖z‖ > mean(‖z‖) + k_std·std(‖z‖).
-- box {space: pca | umap, xmin, xmax, ymin, ymax (any subset), keep: inside | outside = inside,
+- box {space: pca | umap = pca, xmin, xmax, ymin, ymax (any subset), keep: inside | outside = inside,
   umap: path/to/umap.npy (optional), seed = 0}: a rectangle in the PC1/PC2 plane (the same PCA as
   `drgn analyze`) or in UMAP coordinates — read from an analysis folder's umap.npy when `umap` is
   given (rows aligned with the run's z), else computed with `drgn_core.analysis.run_umap(seed)`.
+- selection {path: FILE, keep: inside | outside = inside}: a saved index file (0-based canonical table
+  rows, `.npy` or `.txt`, read by drgn_core.io.indices) — e.g. particles picked by hand in the explorer.
+  inside keeps only the run's particles in the file; outside removes them. Its path is relative to the
+  working directory, and the workflow declares it as an input, so editing the selection reruns the filter.
 
 Combination. Within a run, "intersection" keeps a particle only if every filter keeps it, "union" if any
 does. Across runs the sets are canonical table rows (each run's z rows map through its indices.npy):
@@ -55,21 +60,11 @@ from pathlib import Path
 import numpy as np
 
 from drgn_core.errors import InputError
+from drgn_core.filter_vocab import BOX_BOUNDS, FILTERS, VocabError, check_filter
+from drgn_core.io.indices import read_index_file, write_index_files
 
-OPS = {"<=": np.less_equal, ">=": np.greater_equal, "<": np.less, ">": np.greater}
+OPS = {"<=": np.less_equal, ">=": np.greater_equal, "<": np.less, ">": np.greater}  # threshold's `op`
 COMBINE = ("intersection", "union")
-COVARIANCE = ("full", "tied", "diag", "spherical")
-
-# filter → {parameter: default}; None marks a required parameter
-FILTER_PARAMS: dict[str, dict] = {
-    "threshold": {"dim": None, "op": None, "value": None},
-    "gmm": {"components": 5, "covariance": "full", "seed": 0, "remove": None},
-    "kmeans": {"k": 20, "seed": 0, "remove_ids": None},
-    "norm": {"k_std": 3.0},
-    "box": {"space": None, "xmin": None, "xmax": None, "ymin": None, "ymax": None, "keep": "inside",
-            "umap": None, "seed": 0},
-}
-BOX_BOUNDS = ("xmin", "xmax", "ymin", "ymax")
 
 
 # ---- the spec ---------------------------------------------------------------------------------------------
@@ -102,111 +97,15 @@ def _err(msg: str, where: str, path) -> InputError:
     return InputError(f"{where}: {msg}", path)
 
 
-def _as_int(v, name: str, where: str, path) -> int:
-    if isinstance(v, bool) or not isinstance(v, int | np.integer):
-        raise _err(f"'{name}' must be an integer, got {v!r}", where, path)
-    return int(v)
-
-
-def _as_float(v, name: str, where: str, path) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float | np.number):
-        raise _err(f"'{name}' must be a number, got {v!r}", where, path)
-    return float(v)
-
-
 def _check_filter(entry, where: str, path) -> FilterSpec:
-    """Validate one filter entry ({kind: {params}}) and fill in defaults, naming any unknown key."""
-    if not isinstance(entry, dict) or len(entry) != 1:
-        raise _err(f"each filter is a mapping with one key (one of {', '.join(FILTER_PARAMS)}), got "
-                   f"{entry!r}", where, path)
-    kind, params = next(iter(entry.items()))
-    if kind not in FILTER_PARAMS:
-        raise _err(f"unknown filter '{kind}' (known: {', '.join(FILTER_PARAMS)})", where, path)
-    where = f"{where} ({kind})"
-    params = {} if params is None else params
-    if not isinstance(params, dict):
-        raise _err(f"parameters must be a mapping, got {params!r}", where, path)
-    unknown = [k for k in params if k not in FILTER_PARAMS[kind]]
-    if unknown:
-        raise _err(f"unknown parameter '{unknown[0]}' (known: {', '.join(FILTER_PARAMS[kind])})", where, path)
-    p = {**FILTER_PARAMS[kind], **params}
-    if kind == "box":
-        bounds = [b for b in BOX_BOUNDS if p[b] is not None]
-        if not bounds:
-            raise _err("give at least one of xmin, xmax, ymin, ymax", where, path)
-        for b in bounds:
-            p[b] = _as_float(p[b], b, where, path)
-        if p["umap"] is None:
-            p.pop("umap")
-        for b in BOX_BOUNDS:
-            if p[b] is None:
-                p.pop(b)
-    missing = [k for k, v in p.items() if v is None]
-    if missing:
-        raise _err(f"missing required parameter '{missing[0]}'", where, path)
-    if kind == "threshold":
-        p["dim"] = _as_int(p["dim"], "dim", where, path)
-        if p["op"] not in OPS:
-            raise _err(f"'op' must be one of {', '.join(OPS)}, got {p['op']!r}", where, path)
-        p["value"] = _as_float(p["value"], "value", where, path)
-    elif kind == "gmm":
-        p["components"] = _as_int(p["components"], "components", where, path)
-        p["seed"] = _as_int(p["seed"], "seed", where, path)
-        if p["components"] < 1:
-            raise _err("'components' must be >= 1", where, path)
-        if p["covariance"] not in COVARIANCE:
-            raise _err(f"'covariance' must be one of {', '.join(COVARIANCE)}, got {p['covariance']!r}", where,
-                       path)
-        rm = p["remove"]
-        by_ids = isinstance(rm, dict) and set(rm) == {"ids"}
-        by_rule = isinstance(rm, dict) and "rule" in rm and set(rm) <= {"rule", "n", "factor"}
-        if not (by_ids or by_rule):
-            raise _err("'remove' must be {ids: [..]}, {rule: largest_mean_norm, n: 1} or "
-                       "{rule: outlying_mean_norm, factor: 2}", where, path)
-        if "ids" in rm:
-            if not isinstance(rm["ids"], list):
-                raise _err(f"'remove.ids' must be a list of component ids, got {rm['ids']!r}", where, path)
-            ids = [_as_int(i, "remove.ids", where, path) for i in rm["ids"]]
-            bad = [i for i in ids if not 0 <= i < p["components"]]
-            if bad:
-                raise _err(f"component id {bad[0]} is out of range 0..{p['components'] - 1}", where, path)
-            p["remove"] = {"ids": sorted(set(ids))}
-        elif rm["rule"] == "largest_mean_norm":
-            if "factor" in rm:
-                raise _err("'remove.factor' belongs to rule outlying_mean_norm", where, path)
-            n = _as_int(rm.get("n", 1), "remove.n", where, path)
-            if not 1 <= n < p["components"]:
-                raise _err(f"'remove.n' must be between 1 and components - 1, got {n}", where, path)
-            p["remove"] = {"rule": "largest_mean_norm", "n": n}
-        elif rm["rule"] == "outlying_mean_norm":
-            if "n" in rm:
-                raise _err("'remove.n' belongs to rule largest_mean_norm", where, path)
-            factor = rm.get("factor", OUTLYING_FACTOR)
-            if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 1:
-                raise _err(f"'remove.factor' must be a number > 1, got {factor!r}", where, path)
-            p["remove"] = {"rule": "outlying_mean_norm", "factor": float(factor)}
-        else:
-            raise _err(f"unknown rule {rm['rule']!r} (known: largest_mean_norm, outlying_mean_norm)", where,
-                       path)
-    elif kind == "kmeans":
-        p["k"] = _as_int(p["k"], "k", where, path)
-        p["seed"] = _as_int(p["seed"], "seed", where, path)
-        if not isinstance(p["remove_ids"], list):
-            raise _err(f"'remove_ids' must be a list of cluster ids, got {p['remove_ids']!r}", where, path)
-        ids = [_as_int(i, "remove_ids", where, path) for i in p["remove_ids"]]
-        bad = [i for i in ids if not 0 <= i < p["k"]]
-        if bad:
-            raise _err(f"cluster id {bad[0]} is out of range 0..{p['k'] - 1}", where, path)
-        p["remove_ids"] = sorted(set(ids))
-    elif kind == "norm":
-        p["k_std"] = _as_float(p["k_std"], "k_std", where, path)
-    elif kind == "box":
-        if p["space"] not in ("pca", "umap"):
-            raise _err(f"'space' must be pca or umap, got {p['space']!r}", where, path)
-        if p["keep"] not in ("inside", "outside"):
-            raise _err(f"'keep' must be inside or outside, got {p['keep']!r}", where, path)
-        p["seed"] = _as_int(p["seed"], "seed", where, path)
-    return FilterSpec(kind, p)
+    """Validate one filter entry ({kind: {params}}) against the vocabulary table and fill in defaults."""
+    try:
+        kind, params = check_filter(entry)
+    except VocabError as e:
+        kind = next(iter(entry)) if isinstance(entry, dict) and len(entry) == 1 else None
+        inside = f"{where} ({kind})" if kind in FILTERS and "unknown filter" not in str(e) else where
+        raise _err(str(e), inside, path) from None
+    return FilterSpec(kind, params)
 
 
 def _check_combine(v, where: str, path) -> str:
@@ -271,7 +170,6 @@ class FilterResult:
     plot_labels: np.ndarray | None = None  # cluster ids for the figure (gmm, kmeans)
 
 
-OUTLYING_FACTOR = 2.0  # outlying_mean_norm: a component is junk when its mean ‖z‖ > 2 × the median ‖z‖
 
 
 def _gmm(z: np.ndarray, p: dict) -> FilterResult:
@@ -343,9 +241,28 @@ def _box(z: np.ndarray, p: dict, run: Path) -> FilterResult:
     return FilterResult("box", p, removed, {"inside": int(inside.sum())})
 
 
-def apply_filter(z: np.ndarray, f: FilterSpec, run: Path) -> FilterResult:
-    """Evaluate one validated filter on a run's latents → which rows it removes."""
+def _selection(indices: np.ndarray, p: dict) -> FilterResult:
+    """A saved selection (canonical rows, e.g. hand-picked in the explorer): keep only it, or remove it.
+
+    Rows of the file that the run did not train on select nothing; the count is reported so a selection
+    made on another dataset shows up as "0 of the run's particles selected".
+    """
+    rows = read_index_file(p["path"])
+    selected = np.isin(indices, rows)
+    removed = ~selected if p["keep"] == "inside" else selected
+    return FilterResult("selection", p, removed, {"selection_rows": int(rows.size),
+                                                  "selected_in_run": int(selected.sum())})
+
+
+def apply_filter(z: np.ndarray, f: FilterSpec, run: Path, indices: np.ndarray | None = None) -> FilterResult:
+    """Evaluate one validated filter on a run's latents → which rows it removes.
+
+    `indices` are the canonical rows of z (the run's indices.npy; 0..N-1 when not given), which the
+    selection filter matches its index file against.
+    """
     p = f.params
+    if f.kind == "selection":
+        return _selection(np.arange(len(z)) if indices is None else indices, p)
     if f.kind == "threshold":
         if not 0 <= p["dim"] < z.shape[1]:
             raise InputError(f"threshold filter: dim {p['dim']} is out of range for run {run} with zdim "
@@ -376,10 +293,10 @@ class RunOutcome:
 
 
 def run_filters(rs: RunSpec) -> RunOutcome:
-    from drgn_core.analysis import load_run
+    from drgn_core.rundir import load_run
 
     run = load_run(rs.run)
-    results = [apply_filter(run.z, f, rs.run) for f in rs.filters]
+    results = [apply_filter(run.z, f, rs.run, run.indices) for f in rs.filters]
     masks = np.stack([r.removed for r in results])
     # intersection of kept sets = union of removed sets; union of kept sets = intersection of removed sets
     removed = masks.any(axis=0) if rs.combine == "intersection" else masks.all(axis=0)
@@ -502,8 +419,7 @@ def run_filter_spec(spec: Spec, outdir: str | os.PathLike, table_path: str | os.
                                   **junk_scores(removed, universe, table.gt("drgnGtJunk"))}
     with atomic_dir(outdir) as tmp:
         for name, rows in (("kept", kept), ("removed", removed)):
-            np.save(tmp / f"{name}.npy", rows.astype(np.int64))
-            np.savetxt(tmp / f"{name}.txt", rows, fmt="%d")
+            write_index_files(rows, tmp / f"{name}.npy")
         with open(tmp / "filter.json", "w") as f:
             json.dump(report, f, indent=1)
         _plot(outcomes, kept, tmp / "filter.png", plot_seed)

@@ -17,8 +17,10 @@ Pieces, in dependency order:
   space and the output conjugated for folded points, so the volume it represents is real.
 - `HetVAE`: encoder (zdim > 0) + decoder; `slice` evaluates the decoder on an image's rotated half lattice.
 - `vae_loss`: MSE over the circle + β·KL/N_pixels, exactly cryoDRGN's objective (see its docstring).
-- `generate_volumes`: the decoder on a D³ grid → real-space density, de-normalised.
-- `save_model` / `load_model`: a plain dict (weights + config) that `torch.load(weights_only=True)` reads.
+- `generate_volumes`: the decoder of a loaded model on a D³ grid → real-space density, de-normalised.
+  Stages decode a run through `drgn_core.rundir.decode_volumes`, which loads (and caches) the model.
+- `model_payload` / `load_model`: the model.pt dict (weights + config, plain tensors and values) that
+  `drgn train` saves with `torch.save` and `load_model` reads with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations

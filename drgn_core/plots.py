@@ -215,6 +215,16 @@ _SHEET_DPI = 100
 _LABEL_W, _HEADER_H, _TITLE_H, _GAP = 96, 22, 24, 4
 
 
+def even_subsample(length: int, max_points: int | None) -> np.ndarray:
+    """Positions 0..length-1 thinned to at most max_points, evenly spaced, both ends kept (a long map
+    series shown or decoded in part: traversal volumes, contact-sheet rows)."""
+    if max_points is None or length <= max_points:
+        return np.arange(length)
+    if max_points < 2:
+        return np.array([0], dtype=np.int64)
+    return np.unique(np.round(np.linspace(0, length - 1, max_points)).astype(np.int64))
+
+
 def volume_views(vol: np.ndarray) -> np.ndarray:
     """The six views of one map (VIEW_NAMES order) as a (6, D, D) float32 array.
 
@@ -276,8 +286,6 @@ def volume_sheet(vols: np.ndarray | Sequence[np.ndarray], path: str | os.PathLik
     holds exactly `grey_levels` of the view, enlarged by whole-pixel repetition. Series longer than
     `max_rows` are shown at evenly spaced maps, first and last included (`shown`).
     """
-    from drgn_core.traversal import even_subsample
-
     m = len(vols)
     if m == 0:
         raise ValueError("no maps to picture")

@@ -69,12 +69,10 @@ def _read_json(path: Path) -> dict:
 
 
 def _count_rows(path: Path) -> int:
-    if not path.is_file():
-        raise InputError("not found", path)
-    try:
-        return int(np.load(path, allow_pickle=False, mmap_mode="r").shape[0])
-    except (ValueError, OSError) as e:
-        raise InputError(f"not a readable .npy index file ({e})", path) from None
+    """Rows in an index file (read, and checked, like every index file: drgn_core.io.indices)."""
+    from drgn_core.io.indices import read_index_file
+
+    return len(read_index_file(path, allow_empty=True))
 
 
 def particle_counts(table: Path | None, filter_dir: Path | None) -> dict:

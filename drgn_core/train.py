@@ -18,8 +18,8 @@ so the weights follow one process's to rounding, whatever the number of processe
 written by rank 0 resumes on any number of them. Validation sums and latents are gathered in row order.
 
 Run directory (docs/architecture.md): config.yaml, checkpoints/last.pt, then at the end model.pt, z.npy,
-z_logvar.npy, indices.npy (+ .txt), val_indices.npy, train_log.csv, learning_curve.png. model.pt is written
-last but one, so its presence marks a finished run.
+z_logvar.npy, indices.npy and val_indices.npy (each + .txt), train_log.csv, learning_curve.png. model.pt is
+written last but one, so its presence marks a finished run.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from drgn_core.models import (
     model_payload,
     vae_loss,
 )
+from drgn_core.rundir import resolve_device
 
 CHECKPOINT_FORMAT = "drgnflow-checkpoint/1"
 # Options a resumed run may change: speed and bookkeeping, the length of training, and the learning rate
@@ -112,15 +113,6 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a ch
 
 def log(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DrgnError(f"--device {name}: no CUDA GPU is available (use --device cpu or auto)")
-    return dev
 
 
 def cpu_has_native_bf16() -> bool:
@@ -519,7 +511,7 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
     save_npy(run / "z.npy", mu)
     save_npy(run / "z_logvar.npy", logvar)
     write_index_files(rows, run / "indices.npy")
-    save_npy(run / "val_indices.npy", rows[val_pos])
+    write_index_files(rows[val_pos], run / "val_indices.npy")
     write_log(run / "train_log.csv", state.log)
     plot_learning_curve(run / "learning_curve.png", state.log)
     with atomic_path(run / "model.pt") as tmp:

@@ -35,22 +35,15 @@ from pathlib import Path
 import numpy as np
 
 from drgn_core.errors import InputError
-from drgn_core.io.indices import read_index_file
+from drgn_core.io.indices import write_index_files
+from drgn_core.plots import even_subsample
+from drgn_core.rundir import load_run, resolve_device, write_volumes
 
 AVG_DEGREE = 5.0
 MAX_NEIGHBORS = 10
 THRESHOLD_SAMPLE = 1000
 THRESHOLD_COLUMNS = 200_000
 EXACT_MAX_CPU = 50_000
-
-
-def resolve_device(device: str = "auto"):
-    """torch device: 'auto' picks CUDA when present, else the CPU."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _block(n_rows: int, budget: int = 1 << 24) -> int:
@@ -323,15 +316,6 @@ def linear_path(z_anchors: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate(pts).astype(np.float32)
 
 
-def even_subsample(length: int, max_points: int | None) -> np.ndarray:
-    """Positions 0..length-1 thinned to at most max_points, evenly spaced, both ends kept."""
-    if max_points is None or length <= max_points:
-        return np.arange(length)
-    if max_points < 2:
-        return np.array([0], dtype=np.int64)
-    return np.unique(np.round(np.linspace(0, length - 1, max_points)).astype(np.int64))
-
-
 def map_rows(indices: np.ndarray, canonical: list[int], what: str = "anchor",
              path: str | os.PathLike | None = None) -> np.ndarray:
     """Canonical table rows → rows of the run's z (error naming any row the run did not train on)."""
@@ -341,11 +325,6 @@ def map_rows(indices: np.ndarray, canonical: list[int], what: str = "anchor",
         raise InputError(f"{what} table row(s) {', '.join(map(str, missing[:10]))} are not among the run's "
                          f"{len(indices)} particles (its indices.npy)", path)
     return np.array([pos[int(r)] for r in canonical], dtype=np.int64)
-
-
-def read_rows_file(path: str | os.PathLike) -> list[int]:
-    """Canonical rows, in file order, from an index file (drgn_core.io.indices rules)."""
-    return [int(v) for v in read_index_file(path)]
 
 
 # ---- the command ------------------------------------------------------------------------------------------
@@ -410,7 +389,7 @@ def traverse(run_dir: str | os.PathLike, outdir: str | os.PathLike, opts: Traver
     from drgn_core import analysis, plots
     from drgn_core.io.atomic import atomic_dir
 
-    run = analysis.load_run(run_dir)
+    run = load_run(run_dir)
     outdir = Path(outdir)
     analysis.check_outdir(outdir, [run.run_dir])
     if opts.method not in ("graph", "pc", "linear"):
@@ -449,8 +428,7 @@ def traverse(run_dir: str | os.PathLike, outdir: str | os.PathLike, opts: Traver
     summary.update(volume_positions=pos.tolist(), volumes=not opts.skip_volumes)
     with atomic_dir(outdir) as tmp:
         if path_rows is not None:
-            np.save(tmp / "path_ind.npy", run.indices[path_rows].astype(np.int64))
-            np.savetxt(tmp / "path_ind.txt", run.indices[path_rows], fmt="%d")
+            write_index_files(run.indices[path_rows], tmp / "path_ind.npy")
         np.savetxt(tmp / "z_path.txt", z_path, fmt="%.8g")
         if run.zdim == 1:
             steps = np.arange(len(z_path), dtype=np.float64)
@@ -467,7 +445,7 @@ def traverse(run_dir: str | os.PathLike, outdir: str | os.PathLike, opts: Traver
             np.savetxt(tmp / "volumes" / "z_values.txt", z_path[pos], fmt="%.8g",
                        header="latent value of each volume (not generated: --skip-volumes)")
         else:
-            analysis.decode_volumes(run.run_dir, z_path[pos], tmp / "volumes", D=opts.D, device=opts.device)
+            write_volumes(run.run_dir, z_path[pos], tmp / "volumes", D=opts.D, device=opts.device)
         with open(tmp / "traverse.json", "w") as f:
             json.dump(summary, f, indent=1)
     return summary

@@ -1,10 +1,11 @@
-"""Volumes from a trained model: latent values in, a series of .mrc files (with their z) out.
+"""Volume series and what users ask of them: latent values in, `.mrc` files (with their z) out.
 
-`models.generate_volumes` evaluates the decoder; this module handles what users ask of the result —
-reading latent values from the command line or files, low-pass filtering, flipping the hand — and writes
-`vol_000.mrc`, `vol_001.mrc`, … with the voxel size, plus `z_values.txt` (row i = the z of volume i)
-and `maps.png`, a contact sheet of the series (central slices and projections of every map).
-The analysis, traversal and evaluation stages call `write_volume_series` and `decode_volumes` too.
+This module holds no model code. It reads latent values from the command line or files
+(`parse_z_values`, `read_z_file`), low-pass filters and flips the hand (`lowpass`, `flip_hand`), and writes
+`vol_000.mrc`, `vol_001.mrc`, … with the voxel size, plus `z_values.txt` (row i = the z of volume i) and
+`maps.png`, a contact sheet of the series (central slices and projections of every map)
+(`write_volume_series`). Decoding is `drgn_core.rundir.write_volumes`, which calls these functions and is
+what `drgn volumes`, `drgn analyze` and `drgn traverse` use; `backproject` uses `lowpass` for its maps.
 """
 
 from __future__ import annotations
@@ -146,36 +147,3 @@ def read_z_file(path: str | os.PathLike, zdim: int) -> np.ndarray:
     if len(z) == 0:
         raise InputError("holds no latent values", p)
     return z
-
-
-def decode_volumes(run: str | os.PathLike, z: np.ndarray | None, outdir: str | os.PathLike,
-                   D: int | None = None, apix: float | None = None, lowpass_A: float | None = None,
-                   flip: bool = False, prefix: str = "vol", device: str = "cpu",
-                   batch: int = 65536) -> list[Path]:
-    """Decode latent points with a run's model and write the series; the one-call API for other stages.
-
-    Voxel size: the training pixel size × D_train / D unless `apix` is given. For a homogeneous model
-    (zdim = 0) pass z=None: one volume is written.
-    """
-    import torch
-
-    from drgn_core.models import generate_volumes, load_model
-
-    model, cfg = load_model(run, device=device)
-    D_out = int(D or cfg.D)
-    if D_out % 2 or D_out < 4:
-        raise DrgnError(f"-D must be an even box size >= 4, got {D_out}")
-    vox = float(apix) if apix else cfg.apix * cfg.D / D_out
-    if cfg.zdim == 0:
-        zs = None
-    else:
-        if z is None:
-            raise DrgnError(f"the model has zdim = {cfg.zdim}: give latent values")
-        zs = np.asarray(z, dtype=np.float32).reshape(-1, cfg.zdim)
-    with torch.inference_mode():
-        vols = generate_volumes(model, cfg, zs, D=D_out, batch=batch)
-    if lowpass_A:
-        vols = np.stack([lowpass(v, vox, lowpass_A) for v in vols])
-    if flip:
-        vols = flip_hand(vols)
-    return write_volume_series(vols, zs, outdir, vox, prefix)

@@ -18,7 +18,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
-CONVENTIONS = REPO.parent / "shared" / "fixtures" / "conventions"
+CONVENTIONS = REPO / "tests" / "data" / "conventions"  # the independent fixture (its README)
 BIN = Path(sys.executable).parent  # the venv holding snakemake and the `drgn` command
 
 #: A whole-workflow run in about two minutes on 2 cores: what the re-run tests and the SLURM test use.
@@ -105,3 +105,42 @@ def dry_run(workdir: Path, configfile: Path | None, *args: str) -> tuple[dict[st
     proc = run_snakemake(workdir, configfile, "-n", "-p", "--cores", "2", *args, timeout=120)
     out = proc.stdout + proc.stderr
     return planned_jobs(out), out
+
+
+# ---- the default workflow, run once per test session -----------------------------------------------------
+SLURM_UP = REPO / "scripts" / "slurm" / "up.sh"
+SLURM_DOWN = REPO / "scripts" / "slurm" / "down.sh"
+SLURM_PROFILE = REPO / "profiles" / "slurm"
+
+
+def default_config() -> dict:
+    """config/config.yaml as shipped, with only the resource requests lowered to fit a 2-core CI machine
+    (a one-node SLURM cluster's RealMemory is 80 % of the RAM; the demo's jobs peak below 800 MB)."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cpus = min(2, os.cpu_count() or 1)
+    for res in config["resources"].values():
+        res["mem_mb"] = min(res["mem_mb"], 1500)
+        res["threads"] = min(res["threads"], cpus)
+    return config
+
+
+def run_default_workflow(workdir: Path, slurm_env: dict[str, str] | None) -> dict:
+    """Run the default workflow in `workdir`, on SLURM (`--profile profiles/slurm`) when `slurm_env` is given,
+    else on this machine; raise with the output's tail and the job logs if it fails. → what ran, where."""
+    config = default_config()
+    if slurm_env is not None:
+        # through the profile, the high-res job trains data-parallel: two CPU processes (gloo) started by
+        # drgn train --nproc 2 (test_slurm.py checks the run recorded it)
+        config["highres"]["processes"] = 2
+    cfg = write_config(workdir, config)
+    if slurm_env is None:
+        run_snakemake(workdir, cfg, "--cores", str(min(2, os.cpu_count() or 1)), timeout=1800)
+    else:
+        cmd = ["timeout", "-s", "INT", "-k", "30", "1500",
+               *snakemake_cmd(workdir, cfg, "--profile", str(SLURM_PROFILE),
+                              "--slurm-init-seconds-before-status-checks", "2",
+                              "--seconds-between-status-checks", "3", "--latency-wait", "5")]
+        proc = subprocess.run(cmd, cwd=workdir, env={**env(), **slurm_env}, capture_output=True, text=True,
+                              timeout=1600)
+        assert proc.returncode == 0, f"{(proc.stdout + proc.stderr)[-6000:]}\n{job_logs(workdir)}"
+    return {"workdir": workdir, "config": yaml.safe_load(cfg.read_text()), "slurm_env": slurm_env}

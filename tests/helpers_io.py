@@ -11,12 +11,9 @@ from pathlib import Path
 
 import mrcfile
 import numpy as np
-import pytest
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "conventions"
-needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(),
-                                   reason=f"conventions fixture not found at {FIXTURE} (CI clones shared/ "
-                                   "beside the repository)")
+#: The independent conventions fixture, shipped with the tests (tests/data/conventions/README.md).
+FIXTURE = Path(__file__).resolve().parent / "data" / "conventions"
 
 FIXTURE_TABLES = ["particles_relion31.star", "particles_relion30.star", "particles.cs", "particles_csdat.cs"]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest_latent import add_tiny_model, clusters, make_run
 
-from drgn_core import analysis
+from drgn_core import analysis, rundir
 from drgn_core.cli import main
 from drgn_core.errors import InputError
 from drgn_core.io.mrc import read_mrc
@@ -92,15 +92,15 @@ def test_load_run_errors(tmp_path):
     run = make_run(tmp_path / "r", np.zeros((5, 2)))
     np.save(run / "indices.npy", np.arange(4))
     with pytest.raises(InputError, match=r"has 4 rows but z\.npy has 5"):
-        analysis.load_run(run)
+        rundir.load_run(run)
     np.save(run / "indices.npy", np.array([0, 1, 1, 2, 3]))
-    with pytest.raises(InputError, match="repeated table rows"):
-        analysis.load_run(run)
+    with pytest.raises(InputError, match="index 1 appears 2 times; each row may be selected once"):
+        rundir.load_run(run)
     z = np.zeros((5, 2))
     z[2, 1] = np.nan
     make_run(run, z)
     with pytest.raises(InputError, match="1 latent rows are NaN or infinite"):
-        analysis.load_run(run)
+        rundir.load_run(run)
 
 
 @pytest.mark.slow  # numba compiles UMAP on first use: ~25 s on two busy cores
@@ -211,7 +211,7 @@ def test_analyze_writes_volumes_and_label_means(tmp_path):
     np.testing.assert_allclose(zl, [z[truth == c].mean(0) for c in range(3)], rtol=1e-5, atol=1e-6)
     assert len(list((out / "labels").glob("vol_*.mrc"))) == 3
     # a volume is the model's decoding at that z
-    vols, _ = analysis.generate_volumes(run, zl[:1], device="cpu")
+    vols, _ = rundir.decode_volumes(run, zl[:1], device="cpu")
     got, _ = read_mrc(out / "labels" / "vol_000.mrc", mmap=False)
     np.testing.assert_allclose(got, vols[0], rtol=1e-5, atol=1e-6)
 

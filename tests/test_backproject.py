@@ -27,8 +27,7 @@ from drgn_core.io.table import ParticleTable, read_table, write_table
 from drgn_core.pose import matrix_to_euler, random_poses
 from drgn_core.volumes import lowpass
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "conventions"
-needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"conventions fixture absent ({FIXTURE})")
+FIXTURE = Path(__file__).resolve().parent / "data" / "conventions"
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +52,6 @@ def fixture_truth():
     return t["A"], t["origin_A"] / apix, ctf, apix
 
 
-@needs_fixture
 @pytest.mark.parametrize("interpolation", ["trilinear", "nearest"])
 def test_fixture_check4_clean_reconstruction_has_the_right_hand(interpolation):
     A, shifts, ctf, apix = fixture_truth()
@@ -71,7 +69,6 @@ def test_fixture_check4_clean_reconstruction_has_the_right_hand(interpolation):
     assert corr(plain.map, volume) < corr(rec.map, volume) - 0.05
 
 
-@needs_fixture
 def test_fixture_noisy_stacks_and_the_shift_sign():
     A, shifts, ctf, apix = fixture_truth()
     images = np.concatenate([read_mrc(FIXTURE / "stacks" / f"part_{s}.mrcs", mmap=False)[0] for s in "ab"])
@@ -86,7 +83,6 @@ def test_fixture_noisy_stacks_and_the_shift_sign():
     assert corr(wrong.map, volume) < corr(rec.map, volume) - 0.1
 
 
-@needs_fixture
 @pytest.mark.parametrize("source", ["particles_relion31.star", "particles.cs"])
 def test_fixture_through_the_importer_and_the_cli(tmp_path, source, capsys):
     from drgn_core.importing import import_particles
@@ -112,7 +108,6 @@ def test_fixture_through_the_importer_and_the_cli(tmp_path, source, capsys):
     assert (tmp_path / "bp" / "fsc.png").stat().st_size > 1000
 
 
-@needs_fixture
 def test_fixture_downsampled_stack_through_the_cli(tmp_path, capsys):
     """STACK = a drgn downsample stack: its own D and pixel size (shifts and CTF rescaled accordingly)."""
     from drgn_core.downsample import downsample_table

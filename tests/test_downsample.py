@@ -6,7 +6,7 @@ import mrcfile
 import numpy as np
 import pytest
 import torch
-from helpers_io import FIXTURE, needs_fixture, small_dataset, write_stack
+from helpers_io import FIXTURE, small_dataset, write_stack
 
 from drgn_core.cli import main
 from drgn_core.downsample import downsample_table, fourier_crop_real
@@ -60,7 +60,6 @@ def test_cli_downsample_pixel_size_rows_and_streaming(tmp_path, capsys):
     assert (s.D, s.apix, s.D0, s.apix0, s.n, s.dtype) == (8, 3.0, 16, 1.5, 23, "float32")
 
 
-@needs_fixture
 def test_downsample_applies_the_image_sign(tmp_path):
     """A .cs with blob/sign = -1 (dark stack) and the STAR of the same bright particles give one stack."""
     for name in ("particles.cs", "particles_relion31.star"):

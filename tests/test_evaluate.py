@@ -11,11 +11,11 @@ import pytest
 from conftest_latent import add_tiny_model, clusters, make_run, write_gt_table
 
 from drgn_core import evaluate
-from drgn_core.analysis import generate_volumes
 from drgn_core.cli import main
 from drgn_core.errors import InputError
 from drgn_core.filtering import junk_scores
 from drgn_core.io.mrc import write_mrc
+from drgn_core.rundir import decode_volumes
 
 
 def test_spearman_of_monotone_latents_is_one():
@@ -85,7 +85,7 @@ def test_per_image_fsc_against_own_volumes_is_one(tmp_path):
     run = make_run(tmp_path / "run", zgt[gt_id], np.arange(n))
     add_tiny_model(run, zdim=2, D=D, apix=apix)
     gt_dir = tmp_path / "gt"
-    vols32, _ = generate_volumes(run, zgt, D=2 * D, device="cpu")
+    vols32, _ = decode_volumes(run, zgt, D=2 * D, device="cpu")
     for i, v in enumerate(vols32):
         write_mrc(gt_dir / f"vol_{i:03d}.mrc", v, apix / 2)
     coord = np.linspace(0, 1, n)

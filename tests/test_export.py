@@ -18,8 +18,7 @@ from drgn_core.io.indices import read_index_file
 from drgn_core.io.mrc import write_mrc
 from drgn_core.io.table import read_table, write_table
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "conventions"
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"conventions fixture absent ({FIXTURE})")
+FIXTURE = Path(__file__).resolve().parent / "data" / "conventions"
 
 SOURCES = ["particles_relion31.star", "particles_relion30.star", "particles.cs", "particles_csdat.cs"]
 

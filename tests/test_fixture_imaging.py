@@ -1,6 +1,6 @@
 """Fixture check 3: our projector, shift and CTF reproduce an independent image-formation code's images.
 
-The conventions fixture (../shared/fixtures/conventions, see its README) was made by code that shares
+The conventions fixture (tests/data/conventions, see its README) was made by code that shares
 nothing with ours. Poses, origins and CTF parameters are read straight from its truth.npz, so this test
 pins the image formation alone, independently of the STAR/.cs importers.
 """

@@ -1,4 +1,4 @@
-"""Import against the independent conventions fixture (shared/fixtures/conventions, README checks 1 and 2).
+"""Import against the independent conventions fixture (tests/data/conventions, README checks 1 and 2).
 
 The fixture was written by code independent of ours, from RELION's and cryoSPARC's definitions; agreeing
 with its truth.npz pins our readers to the tools' meaning of every number.
@@ -10,14 +10,12 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers_io import FIXTURE, FIXTURE_TABLES, needs_fixture
+from helpers_io import FIXTURE, FIXTURE_TABLES
 
 from drgn_core.cli import main
 from drgn_core.importing import import_particles
 from drgn_core.io.images import iter_image_chunks, read_images
 from drgn_core.io.table import read_table
-
-pytestmark = needs_fixture
 
 
 @pytest.fixture(scope="module")

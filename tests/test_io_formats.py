@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
-from helpers_io import FIXTURE, needs_fixture, small_dataset, write_stack
+from helpers_io import FIXTURE, small_dataset, write_stack
 
 from drgn_core.errors import InputError
 from drgn_core.importing import import_particles
@@ -53,7 +53,6 @@ def test_write_star_round_trips_through_starfile(tmp_path):
 
 
 # ---- RELION STAR writer ------------------------------------------------------------------------------
-@needs_fixture
 def test_write_relion_star_round_trip(tmp_path):
     src = import_particles(FIXTURE / "particles_relion30.star")
     out = tmp_path / "sub" / "plain.star"
@@ -84,7 +83,6 @@ def test_write_relion_star_with_given_image_names(tmp_path):
 
 
 # ---- cryoSPARC writer and uids -----------------------------------------------------------------------
-@needs_fixture
 def test_write_cs_loads_in_cryosparc_tools_and_round_trips(tmp_path):
     from cryosparc.dataset import Dataset
 

@@ -1,6 +1,6 @@
 """The model's pieces against exact expectations: lattice bookkeeping, Hermitian symmetry, the loss and KL
 formulas, the geometry of slices and volumes, resampling, saving/loading, and the data path's conventions
-against the independent fixture (../shared/fixtures/conventions)."""
+against the independent fixture (tests/data/conventions)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from drgn_core.models import (
 )
 from drgn_core.pose import random_poses
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "conventions"
+FIXTURE = Path(__file__).resolve().parent / "data" / "conventions"
 
 
 @pytest.fixture(autouse=True)
@@ -274,8 +274,6 @@ def test_load_model_errors_name_the_file(tmp_path):
 def test_prepared_fixture_images_are_centred_slices_times_ctf():
     """clean.mrcs (shifted projection × CTF, made by independent code) after our preparation — half
     lattice, shift undone with the table's origin — equals the volume's transform at Aᵀk times our CTF."""
-    if not FIXTURE.is_dir():
-        pytest.skip(f"conventions fixture not found at {FIXTURE}")
     from drgn_core.io.mrc import read_mrc
 
     t = np.load(FIXTURE / "truth.npz")

@@ -1,51 +1,29 @@
 """The workflow on a real SLURM cluster: one node on localhost, the SLURM profile, jobs sent by sbatch.
 
-The module fixture brings the cluster up with scripts/slurm/up.sh (Debian's slurm-wlm and munge, installed
-when missing; one node with a fake GPU) and always shuts it down with scripts/slurm/down.sh, which stops
-exactly the daemons it started. The test then runs the default workflow — config/config.yaml as shipped,
-with only the memory requests lowered to fit a small CI machine's node, and the high-res training run as
-two data-parallel CPU processes (gloo, highres.processes: 2) — with `--profile profiles/slurm`
-under `timeout -s INT`, checks that training jobs went to the GPU partition with a GPU and the others did
-not, and that the report's ground-truth metrics are those the README promises (junk-filter F1 >= 0.9,
-high-res |Spearman rho| >= 0.85). It skips, saying why, only where the packages cannot be installed.
+The session fixture `default_workflow` (tests/conftest.py) brings the cluster up with scripts/slurm/up.sh
+(Debian's slurm-wlm and munge, installed when missing; one node with a fake GPU), runs the default
+workflow — config/config.yaml as shipped, with only the memory requests lowered to fit a small CI
+machine's node, and the high-res training run as two data-parallel CPU processes (gloo,
+highres.processes: 2) — with `--profile profiles/slurm` under `timeout -s INT`, and always shuts the
+cluster down with scripts/slurm/down.sh, which stops exactly the daemons it started. This test checks that
+training jobs went to the GPU partition with a GPU and the others did not, and that the high-res run
+recorded two processes. The same run's accuracy (junk-filter F1, high-res |Spearman rho|) is asserted by
+test_default_accuracy.py, which also runs where SLURM cannot be installed (the workflow then runs locally
+and this test skips, saying why).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import subprocess
 
 import pytest
 import yaml
-from conftest_workflow import REPO, env, job_logs, snakemake_cmd, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
-UP = REPO / "scripts" / "slurm" / "up.sh"
-DOWN = REPO / "scripts" / "slurm" / "down.sh"
-PROFILE = REPO / "profiles" / "slurm"
 TRAINING_RULES = {"train_pilot", "train_highres"}
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory):
-    """SLURM_CONF of a running single-node cluster; its daemons are stopped afterwards, pass or fail."""
-    if shutil.which("bash") is None:
-        pytest.skip("bash is needed to bring up the SLURM cluster")
-    state = tmp_path_factory.mktemp("slurm")
-    try:
-        proc = subprocess.run(["bash", str(UP), str(state)], capture_output=True, text=True, timeout=900)
-        if proc.returncode == 3:
-            pytest.skip(f"SLURM cannot be installed here: {proc.stderr.strip().splitlines()[-1]}")
-        assert proc.returncode == 0, f"up.sh failed ({proc.returncode}):\n{proc.stderr}"
-        assert re.search(r"export SLURM_CONF=\S+", proc.stdout), proc.stdout
-        yield {"SLURM_CONF": str(state / "slurm.conf")}
-    finally:
-        subprocess.run(["bash", str(DOWN), str(state)], capture_output=True, text=True, timeout=120)
-        assert not (state / "pids").exists()
 
 
 def _jobs(slurm_env: dict) -> dict[str, dict[str, str]]:
@@ -60,32 +38,14 @@ def _jobs(slurm_env: dict) -> dict[str, dict[str, str]]:
     return jobs
 
 
-def test_workflow_runs_on_slurm(slurm_cluster, tmp_path):
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())  # the default workflow
-    # memory requests that fit a small CI machine's node (RealMemory is 80 % of the RAM); the demo's jobs
-    # peak below 800 MB
-    cpus = min(2, os.cpu_count() or 1)  # the node has as many CPUs as this machine
-    for res in config["resources"].values():
-        res["mem_mb"] = min(res["mem_mb"], 1500)
-        res["threads"] = min(res["threads"], cpus)
-    # the high-res job trains data-parallel: two CPU processes (gloo) started by drgn train --nproc 2
-    config["highres"]["processes"] = 2
-    cfg = write_config(tmp_path, config)
-    slurm_env = {**env(), **slurm_cluster}
-    cmd = ["timeout", "-s", "INT", "-k", "30", "1500",
-           *snakemake_cmd(tmp_path, cfg, "--profile", str(PROFILE),
-                          "--slurm-init-seconds-before-status-checks", "2",
-                          "--seconds-between-status-checks", "3", "--latency-wait", "5")]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=slurm_env, capture_output=True, text=True, timeout=1600)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{output[-6000:]}\n{job_logs(tmp_path)}"
-
+def test_workflow_runs_on_slurm(default_workflow):
+    if default_workflow["slurm_env"] is None:
+        pytest.skip(default_workflow["why_local"])
+    tmp_path, config = default_workflow["workdir"], default_workflow["config"]
+    slurm_env = default_workflow["slurm_env"]
     summary = json.loads((tmp_path / "results" / "report" / "summary.json").read_text())
     assert summary["particles"]["input"] == config["simulate"]["n"]
     assert [r["run"] for r in summary["training"]] == ["pilot z1", "pilot z10", "high-res"]
-    headline = summary["headline"]
-    assert headline["junk filter F1"] >= 0.9, headline
-    assert headline["|Spearman \u03c1|, highres/train"] >= 0.85, headline
 
     # every non-local rule ran as a SLURM job; training asked for a GPU in the gpu partition, others not
     ours = [j for j in _jobs(slurm_env).values() if j.get("WorkDir", "").rstrip("/") == str(tmp_path)]
@@ -108,4 +68,4 @@ def test_workflow_runs_on_slurm(slurm_cluster, tmp_path):
     assert run_cfg["distributed"]["world_size"] == 2 and run_cfg["distributed"]["backend"] == "gloo"
     # the jobs' own logs were kept (slurm-keep-successful-logs in the profile)
     assert any((tmp_path / ".snakemake" / "slurm_logs").rglob("*.log"))
-    assert os.environ.get("SLURM_CONF") != slurm_cluster["SLURM_CONF"]  # nothing leaked into this process
+    assert os.environ.get("SLURM_CONF") != slurm_env["SLURM_CONF"]  # nothing leaked into this process

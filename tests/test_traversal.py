@@ -13,7 +13,7 @@ from conftest_latent import add_tiny_model, make_run
 from scipy.spatial import cKDTree
 from scipy.stats import spearmanr
 
-from drgn_core import traversal
+from drgn_core import plots, traversal
 from drgn_core.cli import main
 from drgn_core.errors import InputError
 
@@ -160,8 +160,8 @@ def test_kmeans_anchor_order_and_helpers():
     np.testing.assert_array_equal(traversal.order_anchors(z, z[:, 0]), [1, 2, 3, 0])
     line = traversal.linear_path(np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 2.0]]), 3)
     np.testing.assert_allclose(line, [[0, 0], [0.5, 0], [1, 0], [1, 1], [1, 2]])
-    assert traversal.even_subsample(10, 4).tolist() == [0, 3, 6, 9]
-    assert traversal.even_subsample(3, 50).tolist() == [0, 1, 2]
+    assert plots.even_subsample(10, 4).tolist() == [0, 3, 6, 9]
+    assert plots.even_subsample(3, 50).tolist() == [0, 1, 2]
     with pytest.raises(InputError, match="at least 2 points per segment"):
         traversal.linear_path(line, 1)
 

@@ -10,8 +10,8 @@ from drgn_core.errors import DrgnError, InputError
 from drgn_core.fourier import fft3_center, lattice_3d
 from drgn_core.io.mrc import read_mrc
 from drgn_core.models import HetVAE, ModelConfig, generate_volumes, model_payload
+from drgn_core.rundir import write_volumes
 from drgn_core.volumes import (
-    decode_volumes,
     flip_hand,
     lowpass,
     parse_z_values,
@@ -98,22 +98,22 @@ def test_read_z_file_checks_shape(tmp_path):
         read_z_file(tmp_path / "missing.txt", 2)
 
 
-def test_decode_volumes_voxel_size_resampling_and_filters(tmp_path):
+def test_write_volumes_voxel_size_resampling_and_filters(tmp_path):
     torch.manual_seed(0)
     cfg = ModelConfig(D=16, zdim=1, enc_dim=8, enc_layers=1, dec_dim=16, dec_layers=1, apix=3.0,
                       norm_scale=2.0)
     model = HetVAE(cfg, generator=torch.Generator().manual_seed(0))
     torch.save(model_payload(model, cfg), tmp_path / "model.pt")
     z = np.array([[0.3]], dtype=np.float32)
-    paths = decode_volumes(tmp_path, z, tmp_path / "a")
+    paths = write_volumes(tmp_path, z, tmp_path / "a")
     v, apix = read_mrc(paths[0], mmap=False)
     assert apix == pytest.approx(3.0)
     np.testing.assert_allclose(v, generate_volumes(model, cfg, z)[0], rtol=1e-5, atol=1e-6)
-    v24, apix24 = read_mrc(decode_volumes(tmp_path, z, tmp_path / "b", D=24)[0], mmap=False)
+    v24, apix24 = read_mrc(write_volumes(tmp_path, z, tmp_path / "b", D=24)[0], mmap=False)
     assert v24.shape == (24, 24, 24) and apix24 == pytest.approx(2.0)
-    vf, _ = read_mrc(decode_volumes(tmp_path, z, tmp_path / "c", flip=True, apix=1.5)[0], mmap=False)
+    vf, _ = read_mrc(write_volumes(tmp_path, z, tmp_path / "c", flip=True, apix=1.5)[0], mmap=False)
     np.testing.assert_allclose(vf, flip_hand(v), rtol=1e-6, atol=1e-6)
-    vl, _ = read_mrc(decode_volumes(tmp_path, z, tmp_path / "d", lowpass_A=12.0)[0], mmap=False)
+    vl, _ = read_mrc(write_volumes(tmp_path, z, tmp_path / "d", lowpass_A=12.0)[0], mmap=False)
     np.testing.assert_allclose(vl, lowpass(v, 3.0, 12.0), rtol=1e-5, atol=1e-6)
     with pytest.raises(DrgnError, match="-D must be an even box size"):
-        decode_volumes(tmp_path, z, tmp_path / "e", D=15)
+        write_volumes(tmp_path, z, tmp_path / "e", D=15)

@@ -110,8 +110,6 @@ def test_logs_and_benchmarks_follow_the_results_folder(tmp_path):
 
 @pytest.mark.parametrize("mode, source", [("star", "particles_relion31.star"), ("cs", "particles.cs")])
 def test_dry_run_import_modes(tmp_path, mode, source):
-    if not CONVENTIONS.is_dir():
-        pytest.skip(f"conventions fixture not found at {CONVENTIONS}")
     path = CONVENTIONS / source
     cfg = write_config(tmp_path, {"input": {"mode": mode, "path": str(path), "apix": 3.0, "invert": True},
                                   "pilot": {"D": 16}, "highres": {"D": 48}})
@@ -153,7 +151,8 @@ def test_schema_describes_every_key_and_defaults_every_optional_one():
     # them), how a GMM names what it removes (ids, or a rule with its count n or factor), a box's edges and
     # optional UMAP file (a missing edge is open).
     item = "filter.pilots[].filters[]"
-    alternatives = [f"{item}.{k}: default" for k in ("threshold", "gmm", "kmeans", "norm", "box")]
+    kinds = ("threshold", "gmm", "kmeans", "norm", "box", "selection")
+    alternatives = [f"{item}.{k}: default" for k in kinds]
     alternatives += [f"{item}.gmm.remove.{k}: default" for k in ("ids", "rule", "n", "factor")]
     alternatives += [f"{item}.box.{k}: default" for k in ("xmin", "xmax", "ymin", "ymax", "umap")]
     assert sorted(_keys_missing(schema, schema, "", "default")) == sorted(alternatives)
@@ -187,7 +186,8 @@ def test_empty_config_takes_schema_defaults():
     ({"filter": {"pilots": [{"zdim": 1, "filters": [{"gmm": {}, "norm": {}}]}]}},
      "key 'filter.pilots[0].filters[0]': a filter is one key naming its kind"),
     ({"filter": {"pilots": [{"zdim": 1, "filters": [{"median": {}}]}]}},
-     "key 'filter.pilots[0].filters[0]': unknown key 'median' (allowed: box, gmm, kmeans, norm, threshold)"),
+     "key 'filter.pilots[0].filters[0]': unknown key 'median' "
+     "(allowed: box, gmm, kmeans, norm, selection, threshold)"),
     # cross-field rules
     ({"pilot": {"D": 32}, "highres": {"D": 33}}, "key 'highres.D': box size 33 must be even"),
     ({"pilot": {"D": 64}, "highres": {"D": 48}},

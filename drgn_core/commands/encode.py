@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from drgn_core.io.indices import read_index_file
     from drgn_core.io.table import read_table
     from drgn_core.models import load_model
-    from drgn_core.train import encode_latents, resolve_device, resolve_precision, save_npy
+    from drgn_core.rundir import resolve_device
+    from drgn_core.train import encode_latents, resolve_precision, save_npy
 
     if args.batch_size < 1:
         raise DrgnError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "filter particles by rules on latent spaces (threshold, GMM, k-means, norm, box) from a YAML spec"
+HELP = "filter particles by rules on latent spaces (threshold, GMM, k-means, norm, box, selection)"
 DESCRIPTION = """\
 Decide which particles to keep from one or more training runs' latents, with rules written down in a
 YAML spec (--spec) or, for simple cases, given as flags for the runs named with --run. Indices are
@@ -22,7 +22,8 @@ intersected):
         - gmm: {components: 5, covariance: full, seed: 0, remove: {rule: largest_mean_norm, n: 1}}
 Other filters: kmeans {k, seed, remove_ids: [..]} (same ids as drgn analyze with that k and seed);
 norm {k_std: 3} (removes ‖z‖ > mean + 3 std); box {space: pca|umap, xmin, xmax, ymin, ymax,
-keep: inside|outside, umap: analyze/umap.npy}. gmm remove may also be {ids: [..]}, or
+keep: inside|outside, umap: analyze/umap.npy}; selection {path: picked.npy, keep: inside|outside} (a saved
+index file of table rows, e.g. hand-picked in the explorer). gmm remove may also be {ids: [..]}, or
 {rule: outlying_mean_norm, factor: 2}: every component whose mean ‖z‖ exceeds 2 × the median ‖z‖ (junk
 of several kinds, without knowing how many).
 
@@ -34,6 +35,7 @@ Examples:
   drgn filter --spec filter.yaml -o results/filter --table data/table.star
   drgn filter --run results/pilot/z1 --threshold 0 '<=' -1 -o results/filter_z1
   drgn filter --run results/pilot/z10 --gmm 5 --gmm-remove largest_mean_norm -o results/filter_z10
+  drgn filter --run results/pilot/z10 --selection picked.npy -o results/filter_picked
 """
 
 
@@ -57,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--box", nargs=5, metavar=("SPACE", "XMIN", "XMAX", "YMIN", "YMAX"),
                    help="rectangle in pca or umap coordinates ('inf'/'-inf' for open sides)")
     g.add_argument("--box-keep", default="inside", choices=("inside", "outside"))
+    g.add_argument("--selection", metavar="FILE",
+                   help="a saved index file (0-based table rows, .npy or .txt): keep only those particles")
+    g.add_argument("--selection-keep", default="inside", choices=("inside", "outside"),
+                   help="outside: remove the selected particles instead (default inside)")
     g.add_argument("--combine", default="intersection", choices=("intersection", "union"),
                    help="how filters and runs combine their kept sets (default intersection)")
     g.add_argument("--seed", type=int, default=0, help="seed for gmm, kmeans and umap (default 0)")
@@ -104,6 +110,8 @@ def spec_from_flags(args: argparse.Namespace) -> dict:
         box = {"space": space, "keep": args.box_keep, "seed": args.seed}
         box.update({k: v for k, v in zip(("xmin", "xmax", "ymin", "ymax"), vals) if abs(v) != float("inf")})
         filters.append({"box": box})
+    if args.selection:
+        filters.append({"selection": {"path": args.selection, "keep": args.selection_keep}})
     if not filters:
         raise DrgnError("give --spec FILE, or --run DIR with at least one filter flag")
     return {"combine": args.combine,
@@ -115,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from drgn_core.filtering import parse_spec, read_spec, run_filter_spec
 
     flags = any(getattr(args, a) not in (None, [])
-                for a in ("threshold", "norm", "gmm", "kmeans", "box", "run"))
+                for a in ("threshold", "norm", "gmm", "kmeans", "box", "selection", "run"))
     if args.spec and flags:
         raise DrgnError("give either --spec or --run with filter flags, not both")
     if args.spec:

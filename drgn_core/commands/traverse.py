@@ -55,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from drgn_core.errors import DrgnError
-    from drgn_core.traversal import TraverseOptions, read_rows_file, traverse
+    from drgn_core.io.indices import read_index_file
+    from drgn_core.traversal import TraverseOptions, traverse
 
     anchors = None
     if args.anchors and args.anchors_file:
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise DrgnError(f"--anchors: expected comma-separated table rows, got {args.anchors!r}") from None
     elif args.anchors_file:
-        anchors = read_rows_file(args.anchors_file)
+        anchors = read_index_file(args.anchors_file).tolist()  # in file order
     opts = TraverseOptions(method=args.method, anchors=anchors, kmeans=args.kmeans, seed=args.seed,
                            avg_neighbors=args.avg_neighbors, max_neighbors=args.max_neighbors, pc=args.pc,
                            n_points=args.n_points, max_volumes=args.max_volumes,

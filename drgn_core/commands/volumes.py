@@ -39,24 +39,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from drgn_core.errors import DrgnError
-    from drgn_core.models import load_model
-    from drgn_core.train import resolve_device
-    from drgn_core.volumes import decode_volumes, parse_z_values
+    from drgn_core.rundir import resolve_device, run_model, write_volumes
+    from drgn_core.volumes import parse_z_values
 
     if args.apix is not None and not args.apix > 0:
         raise DrgnError(f"--apix must be > 0, got {args.apix}")
     if args.lowpass is not None and not args.lowpass > 0:
         raise DrgnError(f"--lowpass must be > 0 Å, got {args.lowpass}")
     device = resolve_device(args.device)
-    _, cfg = load_model(args.run)
+    _, cfg = run_model(args.run, str(device))  # cached: write_volumes reuses it
     if cfg.zdim == 0:
         if args.z or args.z_file:
             raise DrgnError("the model is homogeneous (zdim 0): it takes no latent values")
         z = None
     else:
         z = parse_z_values(args.z, args.z_file, cfg.zdim)
-    paths = decode_volumes(args.run, z, args.outdir, D=args.D, apix=args.apix, lowpass_A=args.lowpass,
-                           flip=args.flip, prefix=args.prefix, device=str(device))
+    paths = write_volumes(args.run, z, args.outdir, D=args.D, apix=args.apix, lowpass_A=args.lowpass,
+                          flip=args.flip, prefix=args.prefix, device=str(device))
     from drgn_core.volumes import sheet_name
 
     print(f"wrote {len(paths)} volume(s) to {args.outdir}; picture: "

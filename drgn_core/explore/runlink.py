@@ -2,14 +2,16 @@
 
 Everything the explorer needs from `drgn train` / `drgn analyze` outputs (latents and their table rows,
 held-out rows, the run's recorded inputs, decoding maps, the device) is imported here and nowhere else in
-drgn_core.explore, so that when these helpers move (one run-directory module) only this file changes.
+drgn_core.explore: the run-directory helpers live in `drgn_core.rundir`, the analysis maths in
+`drgn_core.analysis`.
 """
 
 from __future__ import annotations
 
-from drgn_core.analysis import RunLatents, fit_pca, held_out_mask, kmeans, load_run, nearest_rows
-from drgn_core.analysis import generate_volumes as decode_maps
-from drgn_core.train import read_run_config, resolve_device
+from drgn_core.analysis import fit_pca, kmeans, nearest_rows
+from drgn_core.rundir import RunLatents, held_out_mask, load_run, resolve_device, run_model
+from drgn_core.rundir import decode_volumes as decode_maps
+from drgn_core.train import read_run_config
 
 __all__ = [
     "RunLatents",
@@ -35,6 +37,4 @@ def fast_decode_available(device: str) -> bool:
 
 def model_box(run_dir) -> int:
     """The training box D of the run's model (maps decode at this size unless told otherwise)."""
-    from drgn_core.models import load_model
-
-    return int(load_model(run_dir, device="cpu")[1].D)
+    return int(run_model(run_dir, device="cpu")[1].D)

@@ -418,7 +418,7 @@ class Handler(BaseHTTPRequestHandler):
         out = {"path": path.tolist(), "distance": cum.tolist(), "rows": d.indices[path].tolist()}
         n_vol = _int(body, "n_volumes", 0, 100) if body.get("n_volumes") is not None else 0
         if n_vol:
-            from drgn_core.traversal import even_subsample
+            from drgn_core.plots import even_subsample
             from drgn_core.volumes import write_volume_series
 
             name = sel.check_name(body.get("name") or "traversal")

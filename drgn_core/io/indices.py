@@ -19,12 +19,15 @@ from drgn_core.io.atomic import atomic_path
 
 
 def read_index_file(path: str | os.PathLike, n_rows: int | None = None,
-                    allow_duplicates: bool = False, allow_pickle: bool = False) -> np.ndarray:
+                    allow_duplicates: bool = False, allow_empty: bool = False,
+                    allow_pickle: bool = False) -> np.ndarray:
     """Read an index file (.npy of integers, or a .txt of integers) of 0-based canonical table rows.
 
     Refuses anything that is not a non-empty 1-D set of distinct integers within [0, n_rows): floats,
     booleans, pickled objects, duplicates and out-of-range rows each get a one-line message naming the file.
-    `allow_duplicates` is for readers where a repeated row has a meaning (encoding rows in a given order).
+    `allow_duplicates` is for readers where a repeated row has a meaning (encoding rows in a given order);
+    `allow_empty` for files where "no rows" is a valid answer (a filter that removed nothing, a run
+    without held-out particles). Negative rows are refused even when `n_rows` is not known.
     `allow_pickle` admits cryoDRGN's ``*.pkl`` index files (an int array or a list of numpy ints, maybe
     unsorted), read by `drgn_core.io.pickles.read_index_pkl`'s restricted unpickler; the order is kept.
     """
@@ -60,7 +63,12 @@ def read_index_file(path: str | os.PathLike, n_rows: int | None = None,
             raise InputError(f"holds an array of shape {arr.shape}; expected a 1-D list of row indices", path)
     arr = arr.astype(np.int64)
     if arr.size == 0:
+        if allow_empty:
+            return arr
         raise InputError("holds no indices; nothing to select", path)
+    if n_rows is None and arr.min() < 0:
+        raise InputError(f"index {int(arr.min())} is negative: rows are 0-based rows of the canonical table",
+                         path)
     if n_rows is not None and (arr.min() < 0 or arr.max() >= n_rows):
         bad = arr[(arr < 0) | (arr >= n_rows)]
         more = f"; {bad.size} indices are out of range" if bad.size > 1 else ""
@@ -74,7 +82,11 @@ def read_index_file(path: str | os.PathLike, n_rows: int | None = None,
 
 
 def write_index_files(indices: np.ndarray, npy_path: str | os.PathLike) -> None:
-    """Write `indices` as int64 .npy and its .txt twin (one row per line), atomically."""
+    """Write `indices` as int64 .npy and its .txt twin (one row per line), atomically.
+
+    The one writer of index files: run directories, filter and traversal outputs, k-means centres and
+    exports all go through it, so every index file drgnflow writes reads back with `read_index_file`.
+    """
     npy_path = Path(npy_path)
     idx = np.asarray(indices, dtype=np.int64)
     with atomic_path(npy_path) as tmp:

@@ -103,6 +103,16 @@ def get_filtered_pilot_models(wildcards=None):
     return [f"{get_pilot_dir(e['zdim'])}/model.pt" for e in config["filter"]["pilots"]]
 
 
+def get_filter_selections(wildcards=None):
+    """Index files that `selection` filters read: inputs of the filter, so editing one reruns it."""
+    paths = set()
+    for entry in config["filter"]["pilots"]:
+        for item in entry["filters"]:
+            if "selection" in item:
+                paths.add(item["selection"]["path"])
+    return sorted(paths)
+
+
 def get_import_source(wildcards=None):
     """The user's STAR or .cs file (input.mode star / cs), or the fetched one (input.mode empiar)."""
     if EMPIAR:

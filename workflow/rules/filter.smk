@@ -29,6 +29,7 @@ rule filter_particles:
     input:
         spec=f"{R}/filter_spec.yaml",
         models=get_filtered_pilot_models,
+        selections=get_filter_selections,
         table=TABLE,
     output:
         kept=f"{FILTER}/kept.npy",
