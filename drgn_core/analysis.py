@@ -24,7 +24,7 @@ import numpy as np
 
 from drgn_core.errors import InputError
 from drgn_core.io.indices import write_index_files
-from drgn_core.rundir import held_out_mask, load_run, write_volumes
+from drgn_core.rundir import held_out_mask, load_run, read_npy, write_volumes
 
 UMAP_NEIGHBORS = 15
 UMAP_MIN_DIST = 0.1
@@ -32,16 +32,6 @@ UMAP_MIN_DIST = 0.1
 UMAP_MAX_FIT = 100_000
 ZDIM1_PERCENTILES = (5, 23, 41, 59, 77, 95)   # the paper's Fig. 3c points for a 1-D latent
 PC_PERCENTILES = (5.0, 95.0)
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    """A plain (non-pickled) .npy array, with one-line errors naming the file."""
-    if not path.exists():
-        raise InputError("no such file", path)
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as e:  # a truncated file, pickled objects, or not .npy at all
-        raise InputError(f"cannot read as a numpy .npy array ({type(e).__name__}: {e})", path) from None
 
 
 # ---- PCA ------------------------------------------------------------------------------------------------
@@ -195,7 +185,7 @@ def load_labels(path: str | os.PathLike, indices: np.ndarray) -> np.ndarray:
     if not path.exists():
         raise InputError("no such labels file", path)
     if path.suffix == ".npy":
-        labels = _load_npy(path)
+        labels = read_npy(path)
         if labels.ndim != 1:
             raise InputError(f"expected a 1-D array of labels, got shape {labels.shape}", path)
     else:

@@ -66,6 +66,24 @@ def _require(path: Path) -> Path:
     return path
 
 
+def read_npy(path: str | os.PathLike, n_rows: int | None = None, what: str = "") -> np.ndarray:
+    """A plain (never pickled) `.npy` array of a run or its analysis, with one-line errors naming the file.
+
+    `n_rows` checks the row count against the run's particles (`what` names the array in the message), so
+    an embedding or label file from another run is refused instead of colouring the wrong particles.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such file", path)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:  # a truncated file, pickled objects, or not .npy at all
+        raise InputError(f"cannot read as a numpy .npy array ({type(e).__name__}: {e})", path) from None
+    if n_rows is not None and len(arr) != n_rows:
+        raise InputError(f"has {len(arr)} rows but the run has {n_rows} particles ({what})", path)
+    return arr
+
+
 def load_run(run_dir: str | os.PathLike) -> RunLatents:
     """Read `z.npy` and `indices.npy` of a `drgn train` run, checking they agree.
 
@@ -76,10 +94,7 @@ def load_run(run_dir: str | os.PathLike) -> RunLatents:
     if not run_dir.is_dir():
         raise InputError("no such run directory", run_dir)
     zpath = _require(run_dir / "z.npy")
-    try:
-        z = np.load(zpath, allow_pickle=False)
-    except Exception as e:  # a truncated file, pickled objects, or not .npy at all
-        raise InputError(f"cannot read as a numpy .npy array ({type(e).__name__}: {e})", zpath) from None
+    z = read_npy(zpath)
     if z.ndim == 1:
         z = z[:, None]
     if z.ndim != 2 or not np.issubdtype(z.dtype, np.number) or z.shape[0] == 0:

@@ -114,16 +114,6 @@ def _analysis_for(run_dir: Path, analysis: str | os.PathLike | None) -> Path | N
     return None
 
 
-def _load_npy(path: Path, n: int, what: str) -> np.ndarray:
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except Exception as e:  # a truncated or foreign file
-        raise InputError(f"cannot read as a numpy .npy array ({type(e).__name__}: {e})", path) from None
-    if len(arr) != n:
-        raise InputError(f"has {len(arr)} rows but the run has {n} particles ({what})", path)
-    return arr
-
-
 def _table_for(run_dir: Path, table: str | os.PathLike | None) -> Path | None:
     """The canonical table: the one given, else the one the run's config.yaml records (if it exists)."""
     if table is not None:
@@ -158,11 +148,11 @@ def load_explore_data(run_dir: str | os.PathLike, analysis: str | os.PathLike | 
     if adir is not None:
         sources["analysis"] = str(adir)
         if (adir / "umap.npy").exists():
-            emb = _load_npy(adir / "umap.npy", n, "UMAP embedding")
+            emb = runlink.read_npy(adir / "umap.npy", n, "UMAP embedding")
             add("embedding", "UMAP1", emb[:, 0])
             add("embedding", "UMAP2", emb[:, 1])
     if adir is not None and (adir / "pca.npy").exists():
-        pc = _load_npy(adir / "pca.npy", n, "PCA projection")
+        pc = runlink.read_npy(adir / "pca.npy", n, "PCA projection")
     else:
         pc = runlink.fit_pca(z).transform(z)
     for i in range(min(pc.shape[1], MAX_PCS)):
@@ -175,7 +165,7 @@ def load_explore_data(run_dir: str | os.PathLike, analysis: str | os.PathLike | 
         km = summary.get("kmeans") or {}
         kfolder = adir / str(km.get("folder", ""))
         if km and (kfolder / "labels.npy").exists():
-            add("analysis", "kmeans", _load_npy(kfolder / "labels.npy", n, "k-means labels"))
+            add("analysis", "kmeans", runlink.read_npy(kfolder / "labels.npy", n, "k-means labels"))
             km_centres = np.asarray(km.get("centers_z"), dtype=np.float32).reshape(-1, run.zdim)
             try:
                 order = np.argsort(run.indices)

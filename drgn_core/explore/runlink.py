@@ -9,7 +9,7 @@ drgn_core.explore: the run-directory helpers live in `drgn_core.rundir`, the ana
 from __future__ import annotations
 
 from drgn_core.analysis import fit_pca, kmeans, nearest_rows
-from drgn_core.rundir import RunLatents, held_out_mask, load_run, resolve_device, run_model
+from drgn_core.rundir import RunLatents, held_out_mask, load_run, read_npy, resolve_device, run_model
 from drgn_core.rundir import decode_volumes as decode_maps
 from drgn_core.train import read_run_config
 
@@ -23,6 +23,7 @@ __all__ = [
     "load_run",
     "model_box",
     "nearest_rows",
+    "read_npy",
     "read_run_config",
     "resolve_device",
 ]

@@ -103,7 +103,7 @@ def check_spec(spec) -> dict:
     return {"shapes": out_shapes, "thresholds": out_thr}
 
 
-def evaluate(data: ExploreData, spec: dict, resolve_saved=None) -> np.ndarray:
+def selected_mask(data: ExploreData, spec: dict, resolve_saved=None) -> np.ndarray:
     """Boolean mask over the run's N particles selected by `spec` (already checked by check_spec).
 
     `resolve_saved(path) -> Path` confines a saved selection's path (the server's job).

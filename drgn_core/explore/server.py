@@ -95,7 +95,7 @@ class Explorer:
     # ---- selections -----------------------------------------------------------------------------------
     def mask(self, spec) -> tuple[dict, np.ndarray]:
         spec = sel.check_spec(spec)
-        return spec, sel.evaluate(self.data, spec, resolve_saved=self.confine)
+        return spec, sel.selected_mask(self.data, spec, resolve_saved=self.confine)
 
     def graph(self):
         with self._graph_lock:
