@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_io import FIXTURE, needs_fixture, small_dataset, write_stack
+from helpers_io import FIXTURE, small_dataset, write_stack
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -113,14 +113,12 @@ def _cs_case(tmp_path_factory, data, name: str) -> None:
     check(lambda p: read_cs(p, datadir=FIXTURE), tmp_path_factory.mktemp("cs") / name, good, how)
 
 
-@needs_fixture
 @FUZZ
 @given(data=st.data())
 def test_cs_damage_gives_input_error(tmp_path_factory, data):
     _cs_case(tmp_path_factory, data, "particles.cs")
 
 
-@needs_fixture
 @settings(FUZZ, max_examples=10)  # each example starts a decoder process (~1 s)
 @given(data=st.data())
 def test_cs_stream_format_damage_gives_input_error(tmp_path_factory, data):
@@ -128,7 +126,6 @@ def test_cs_stream_format_damage_gives_input_error(tmp_path_factory, data):
     _cs_case(tmp_path_factory, data, "particles_csdat.cs")
 
 
-@needs_fixture
 def test_truncated_stream_format_cs_is_reported(tmp_path):
     """A truncation that crashes cryosparc-tools' decoder in-process (SIGSEGV) is an InputError here."""
     from drgn_core.io.cs import load_dataset
@@ -178,7 +175,6 @@ def test_pickle_damage_gives_input_error(tmp_path_factory, data, which):
 
 
 # ---- a damaged second file (--poses) --------------------------------------------------------------
-@needs_fixture
 @settings(FUZZ, max_examples=20)
 @given(data=st.data(), name=st.sampled_from(["particles.cs", "particles_relion31.star"]))
 def test_damaged_poses_file_gives_input_error(tmp_path_factory, data, name):

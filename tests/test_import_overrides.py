@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_io import FIXTURE, needs_fixture
+from helpers_io import FIXTURE
 
 from drgn_core.cli import main
 from drgn_core.importing import import_particles
@@ -62,7 +62,6 @@ def assert_same_table(a, b) -> None:
     np.testing.assert_array_equal(a.image_signs(), b.image_signs())
 
 
-@needs_fixture
 def test_relion30_magnification_and_mrc_stacks_give_the_relion31_table(tmp_path):
     star = relion30_copy(tmp_path, stack_suffix=".mrc")
     t = import_particles(star)
@@ -72,7 +71,6 @@ def test_relion30_magnification_and_mrc_stacks_give_the_relion31_table(tmp_path)
     assert_same_table(t, import_particles(FIXTURE / "particles_relion31.star"))
 
 
-@needs_fixture
 def test_missing_amplitude_contrast_names_column_and_option(tmp_path, capsys):
     star = relion30_copy(tmp_path, drop=("rlnAmplitudeContrast",))
     msg = run_fail(capsys, star, tmp_path / "t.star")
@@ -85,7 +83,6 @@ def test_missing_amplitude_contrast_names_column_and_option(tmp_path, capsys):
     np.testing.assert_array_equal(t.particles["rlnOpticsGroup"].to_numpy(), truth["optics_group"])
 
 
-@needs_fixture
 @pytest.mark.parametrize("column,option,name", [
     ("rlnVoltage", "--kv", "voltage"), ("rlnSphericalAberration", "--cs", "Cs"),
     ("rlnDetectorPixelSize", "--apix", "pixel size")])
@@ -97,7 +94,6 @@ def test_every_missing_optics_column_names_its_option(tmp_path, capsys, column, 
         assert msg == f"1 problems: has no {column}; give the {name} with {option}"
 
 
-@needs_fixture
 @pytest.mark.parametrize("source", ["particles_relion31.star", "particles_relion30.star", "particles.cs"])
 def test_overrides_replace_the_files_values(tmp_path, source):
     t = import_particles(FIXTURE / source, apix=2.5, kv=200, cs=0.01, amp_contrast=0.2, phase_shift=90)
@@ -110,7 +106,6 @@ def test_overrides_replace_the_files_values(tmp_path, source):
     assert t.provenance["override_amp_contrast"] == "0.2" and t.provenance["override_kv"] == "200"
 
 
-@needs_fixture
 def test_override_flags_on_the_command_line(tmp_path, capsys):
     from drgn_core.io.table import read_table
 
@@ -175,7 +170,6 @@ def test_workflow_config_second_files(tmp_path):
     assert _import_options(config) == "--poses poses.pkl --ctf 'my ctf.pkl' --allow-pickle"
 
 
-@needs_fixture
 def test_cs_without_amplitude_contrast_names_the_option(tmp_path, capsys):
     from numpy.lib import recfunctions
 

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_io import FIXTURE, needs_fixture
+from helpers_io import FIXTURE
 
 from drgn_core.cli import main
 from drgn_core.errors import InputError
 from drgn_core.importing import import_particles
 
-pytestmark = needs_fixture
 D = 48
 
 
