@@ -87,7 +87,7 @@ install -d -o munge -g munge -m 700 /var/lib/munge /var/log/munge
 
 # ---- configuration -----------------------------------------------------------------------------------
 mkdir -p "$STATE/spool/ctld" "$STATE/spool/d" "$STATE/log"
-CPUS=$(nproc)
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc alone follows OMP_NUM_THREADS
 MEM_MB=$(awk '/MemTotal/ {print int($2 / 1024 * 0.8)}' /proc/meminfo)
 cat > "$STATE/slurm.conf" <<CONF
 # Single-node test cluster written by drgnflow scripts/slurm/up.sh
