@@ -67,3 +67,15 @@ def default_workflow(tmp_path_factory):
         if up:
             subprocess.run(["bash", str(SLURM_DOWN), str(state)], capture_output=True, text=True, timeout=120)
             assert not (state / "pids").exists()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small tensors: one torch thread is faster than two, and leaves the other core to the rest of the
+    suite. Test modules that train or decode small models use it for every test (pytestmark)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

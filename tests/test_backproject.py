@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from drgn_core.backproject import (
     FourierInserter,
@@ -30,12 +29,7 @@ from drgn_core.volumes import lowpass
 FIXTURE = Path(__file__).resolve().parent / "data" / "conventions"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def corr(a: np.ndarray, b: np.ndarray) -> float:

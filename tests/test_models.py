@@ -35,13 +35,7 @@ from drgn_core.pose import random_poses
 FIXTURE = Path(__file__).resolve().parent / "data" / "conventions"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is faster than two, and leaves the other core to the rest of the suite."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_model(D: int = 16, zdim: int = 2, seed: int = 0, **kw) -> HetVAE:

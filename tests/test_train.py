@@ -29,13 +29,7 @@ TINY = ["--zdim", "1", "--enc-dim", "32", "--enc-layers", "1", "--dec-dim", "32"
         "--threads", "1", "--lr", "1e-3", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is faster than two, and leaves the other core to the rest of the suite."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

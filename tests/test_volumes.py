@@ -20,14 +20,7 @@ from drgn_core.volumes import (
     write_volume_series,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is faster than two, and leaves the other core to the rest of the suite."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_series_files_voxel_size_and_z_values(tmp_path):
