@@ -14,7 +14,11 @@ Two ways to hold the prepared data, chosen by size (`mode='auto'`):
   memory for a GPU), for stacks larger than memory. The epoch order is shuffled across and within chunks:
   chunks in random order, taken `mix` at a time, and the images of those `mix` chunks in random order
   together, so that a batch mixes particles from distant parts of the stack (stacks are usually ordered
-  by micrograph) while every read stays a long contiguous one.
+  by micrograph) while every read stays a long contiguous one. With a cache folder (`drgn train`'s
+  default: RUN/stream_cache), the images are prepared once, in one sequential pass before training, into
+  a cache on disk in the dtype served (`drgn_core.io.prepared_cache`), and every epoch then reads prepared
+  values: the per-epoch work of the background thread drops from read + transform to read, and the values
+  are bit-identical to the in-memory mode's (both prepare in the same aligned blocks of PREP_BLOCK).
 Per-image random disk reads never happen in either mode.
 """
 
@@ -23,7 +27,10 @@ from __future__ import annotations
 import mmap
 import os
 import queue
+import shutil
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +41,15 @@ from tqdm import tqdm
 
 from drgn_core.ctf import ctf_from_params
 from drgn_core.errors import InputError
-from drgn_core.io.stack import open_stack, sidecar_path
+from drgn_core.io.prepared_cache import PreparedCache, array_digest
+from drgn_core.io.stack import file_sha256, open_stack, sidecar_path
 from drgn_core.io.table import ParticleTable
 from drgn_core.models import HalfLattice
 
 NORM_SAMPLE = 1000  # images used to estimate the global normalisation scale
 CHUNK_BYTES = 8 * 2**20  # prepared bytes of one streamed chunk when its size is automatic (chunk=0)
 PREP_BLOCK = 256  # images transformed at once: bounds the FFT's temporaries whatever the chunk
+PREP_VERSION = 1  # part of a prepared-image cache's key: raise it when Preparer's arithmetic changes
 
 
 # ---- the stack ----------------------------------------------------------------------------------------
@@ -241,11 +250,18 @@ class ParticleData:
     'stream'; `chunk` is the number of images read in one go (0: as many as make 8 MiB prepared), and
     `mix` the number of chunks whose images are shuffled together (streamed memory holds about three
     times chunk × mix prepared images).
+
+    Streamed data with a `cache_dir` are prepared once into a prepared-image cache there (reused when it
+    already holds one for the same data; `stack_checksum` is the stack's SHA-256 when the caller knows
+    it, else it is computed). `share` = (rank, world): with several processes each builds its share of
+    the cache's parts first, then any still missing. `prune` removes the other caches in `cache_dir` (a
+    folder only this run uses). Without enough free disk the data stream uncached, with a warning.
     """
 
     def __init__(self, source: ParticleSource, table: ParticleTable, rows: np.ndarray, lattice: HalfLattice,
                  norm_scale: float, device: torch.device, mode: str = "auto", chunk: int = 4096,
-                 progress: bool = True, mix: int = 1):
+                 progress: bool = True, mix: int = 1, cache_dir: str | os.PathLike | None = None,
+                 stack_checksum: str | None = None, share: tuple[int, int] = (0, 1), prune: bool = False):
         self.source, self.lattice, self.device = source, lattice, device
         self.rows = np.asarray(rows, dtype=np.int64)
         self.n = len(self.rows)
@@ -260,10 +276,13 @@ class ParticleData:
         self.prep = Preparer(lattice, norm_scale)
         self.mode, self.dtype = self._choose(mode)
         self.y: torch.Tensor | None = None
+        self.cache: PreparedCache | None = None
         if self.mode == "memory":
             self.y = self._prepare_all()
         else:
             _return_freed_memory()
+            if cache_dir is not None:
+                self.cache = self._open_cache(Path(cache_dir), stack_checksum, share, prune)
 
     def _choose(self, mode: str) -> tuple[str, torch.dtype]:
         per32 = self.n * self.lattice.P * 2 * 4
@@ -277,21 +296,92 @@ class ParticleData:
             return "memory", torch.float16
         return "stream", torch.float32
 
-    def _prepare_rows(self, pos: np.ndarray) -> torch.Tensor:
-        """Prepared (len(pos), P, 2) float32 for sorted positions (CPU)."""
-        return self.prep(read_rows(self.source, self.rows[pos]), self.shifts_px[pos])
+    def _prepared_blocks(self, lo: int, hi: int, read: int = 4 * PREP_BLOCK) -> Iterator[torch.Tensor]:
+        """Prepared float32 (b, P, 2) of positions lo..hi-1 (lo a multiple of PREP_BLOCK) on the CPU, in
+        blocks of PREP_BLOCK aligned at position 0, reading `read` images (a multiple of it) at a time.
+
+        The in-memory mode and the cache both prepare through here: a transform's float32 result depends
+        on the batch it was computed in (by ~1e-6), so the same blocks give the same bits.
+        """
+        for a in range(lo, hi, read):
+            pos = np.arange(a, min(a + read, hi))
+            x = read_rows(self.source, self.rows[pos])
+            for b in range(0, len(pos), PREP_BLOCK):
+                yield self.prep(x[b:b + PREP_BLOCK], self.shifts_px[pos[b:b + PREP_BLOCK]])
 
     def _prepare_all(self) -> torch.Tensor:
         y = torch.empty((self.n, self.lattice.P, 2), dtype=self.dtype, device=self.device)
-        step = 1024
         bar = tqdm(total=self.n, desc="preparing images", unit="img", disable=not self.progress,
                    mininterval=1.0)
-        for a in range(0, self.n, step):
-            pos = np.arange(a, min(a + step, self.n))
-            y[a:a + len(pos)] = self._prepare_rows(pos).to(self.device, self.dtype)
-            bar.update(len(pos))
+        a = 0
+        for block in self._prepared_blocks(0, self.n):
+            y[a:a + len(block)] = block.to(self.device, self.dtype)
+            a += len(block)
+            bar.update(len(block))
         bar.close()
         return y
+
+    # ---- the prepared-image cache (streaming) -----------------------------------------------------------
+    def _open_cache(self, root: Path, stack_checksum: str | None, share: tuple[int, int],
+                    prune: bool) -> PreparedCache | None:
+        """The complete cache of these data under `root`: reused, or built now (None: no room for it)."""
+        fields = {"prep_version": PREP_VERSION, "prep_block": PREP_BLOCK, "D": self.source.D,
+                  "stack_sha256": stack_checksum or file_sha256(self.source.path),
+                  "stack_bytes": self.source.path.stat().st_size, "norm_scale": float(self.prep.scale).hex(),
+                  "rows": array_digest(self.rows), "shifts_px": array_digest(self.shifts_px),
+                  "signs": array_digest(self.source.signs)}
+        np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
+        cache = PreparedCache(root, fields, self.n, self.lattice.P, np_dtype, PREP_BLOCK)
+        if prune:
+            cache.remove_others()
+        missing = cache.missing()
+        gib = cache.nbytes / 2**30
+        if not missing:
+            if self.progress:
+                tqdm.write(f"prepared images: reusing the cache in {cache.folder} ({gib:.2f} GiB)",
+                           file=sys.stderr)
+            return cache
+        need = sum(hi - lo for lo, hi in map(cache.part_range, missing)) * cache.image_bytes
+        where = next(p for p in (cache.folder, *cache.folder.parents) if p.exists())
+        free = shutil.disk_usage(where).free
+        if need > free:
+            tqdm.write(f"{root}: not enough free disk for the prepared-image cache ({need / 2**30:.2f} GiB "
+                       f"needed, {free / 2**30:.2f} GiB free); every epoch prepares the images again "
+                       "(--stream-cache DIR puts the cache elsewhere)", file=sys.stderr)
+            return None
+        try:
+            cache.open_folder()
+        except OSError as e:
+            raise InputError(f"cannot write the prepared-image cache there ({e.strerror})", root) from None
+        t0 = time.perf_counter()
+        self._build_cache(cache, missing, share)
+        if self.progress:
+            tqdm.write(f"prepared images: cache of {gib:.2f} GiB written to {cache.folder} in "
+                       f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        return cache
+
+    def _build_cache(self, cache: PreparedCache, missing: list[int], share: tuple[int, int]) -> None:
+        """Prepare and write the missing parts: this process's share first (parts i with i % world ==
+        rank), then the others' in turn, skipping any that another process finished meanwhile."""
+        rank, world = share
+        todo = sorted(missing, key=lambda i: ((i % world - rank) % world, i))
+        read = max(PREP_BLOCK, self.chunk // PREP_BLOCK * PREP_BLOCK)
+        total = sum(hi - lo for lo, hi in map(cache.part_range, todo))
+        bar = tqdm(total=total, desc="caching prepared images", unit="img", disable=not self.progress,
+                   mininterval=1.0, file=sys.stderr)
+
+        def blocks(lo: int, hi: int) -> Iterator[np.ndarray]:
+            for y in self._prepared_blocks(lo, hi, read):
+                bar.update(len(y))
+                yield y.to(self.dtype).numpy()  # as the in-memory mode converts (fp16 for a GPU)
+
+        for i in todo:
+            lo, hi = cache.part_range(i)
+            if cache._check_part(i):  # written by another process meanwhile
+                bar.update(hi - lo)
+                continue
+            cache.write_part(i, blocks(lo, hi))
+        bar.close()
 
     # ---- ordering ---------------------------------------------------------------------------------------
     def epoch_order(self, positions: np.ndarray, seed: int, epoch: int) -> np.ndarray:
@@ -376,6 +466,11 @@ class ParticleData:
                 seen.add(c)
         return np.split(order, cuts)
 
+    def _read_cached(self, pos: np.ndarray) -> np.ndarray:
+        """Cached prepared images of sorted positions within one chunk: one read of the span, picked."""
+        block = self.cache.read(int(pos[0]), int(pos[-1]) + 1)
+        return block if len(block) == len(pos) else block[pos - pos[0]]
+
     def _stream(self, order: np.ndarray, sizes: np.ndarray, los: np.ndarray, n_glob: np.ndarray
                 ) -> Iterator[Batch]:
         """Read and prepare chunk segments in a background thread, one ahead of the consumer."""
@@ -390,12 +485,15 @@ class ParticleData:
                     pos = seg[srt]
                     # one sequential read per chunk of the segment
                     parts = np.split(pos, np.flatnonzero(np.diff(pos // self.chunk)) + 1)
-                    x = np.concatenate([read_chunk_rows(self.source, self.rows[p]) for p in parts])
-                    y_sorted = torch.empty((len(pos), self.lattice.P, 2))
-                    for a in range(0, len(pos), PREP_BLOCK):
-                        y_sorted[a:a + PREP_BLOCK] = self.prep(x[a:a + PREP_BLOCK],
-                                                               self.shifts_px[pos[a:a + PREP_BLOCK]])
-                    del x
+                    if self.cache is not None:  # prepared already, in the served dtype
+                        y_sorted = torch.from_numpy(np.concatenate([self._read_cached(p) for p in parts]))
+                    else:
+                        x = np.concatenate([read_chunk_rows(self.source, self.rows[p]) for p in parts])
+                        y_sorted = torch.empty((len(pos), self.lattice.P, 2))
+                        for a in range(0, len(pos), PREP_BLOCK):
+                            y_sorted[a:a + PREP_BLOCK] = self.prep(x[a:a + PREP_BLOCK],
+                                                                   self.shifts_px[pos[a:a + PREP_BLOCK]])
+                        del x
                     # back to the segment's order, written once into the buffer that travels: pinned and
                     # fp16 on the way to a GPU (as the stack held there would be: half the bytes)
                     y = torch.empty(y_sorted.shape, dtype=self.dtype, pin_memory=pin)
