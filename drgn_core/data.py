@@ -497,7 +497,7 @@ class ParticleData:
                     # back to the segment's order, written once into the buffer that travels: pinned and
                     # fp16 on the way to a GPU (as the stack held there would be: half the bytes)
                     y = torch.empty(y_sorted.shape, dtype=self.dtype, pin_memory=pin)
-                    y[torch.from_numpy(srt)] = y_sorted
+                    y[torch.from_numpy(srt)] = y_sorted.to(self.dtype)  # (index_put does not convert)
                     while not stop.is_set():
                         try:
                             q.put((seg, y), timeout=0.5)
