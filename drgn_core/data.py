@@ -229,6 +229,52 @@ def _return_freed_memory() -> None:
         pass
 
 
+def _mapped_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in its own anonymous memory map, given back to the system when freed.
+
+    Streamed segments (tens of MiB) are allocated in the background thread and freed in the training
+    thread continually. From glibc's heaps they make the resident set creep up over an epoch; forcing
+    every allocation of 1 MiB or more into its own map (`_return_freed_memory`) prevents that but makes
+    every training step page-fault its temporaries too: measured 1.6x slower per epoch on the CPU
+    (bench/README.md). Mapping only these buffers keeps both the memory bound and the speed.
+    """
+    n = int(np.prod(shape))
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    buf = mmap.mmap(-1, n * torch.empty((), dtype=dtype).element_size())
+    return torch.frombuffer(buf, dtype=dtype, count=n).view(shape)  # the tensor keeps the map alive
+
+
+def _take(pend: list[tuple[np.ndarray, torch.Tensor]], b: int, empty: tuple[int, ...], device: torch.device
+          ) -> tuple[np.ndarray, torch.Tensor]:
+    """Remove the first `b` images from the pending segments: (positions, prepared images)."""
+    if b == 0:
+        return np.zeros(0, np.int64), torch.empty(empty, device=device)
+    pos, ys = [], []
+    while b:
+        seg, y = pend[0]
+        t = min(b, len(seg))
+        pos.append(seg[:t])
+        ys.append(y[:t])
+        if t == len(seg):
+            pend.pop(0)
+        else:
+            pend[0] = (seg[t:], y[t:])
+        b -= t
+    return (pos[0], ys[0]) if len(pos) == 1 else (np.concatenate(pos), torch.cat(ys))
+
+
+def _trim_heaps() -> None:
+    """Give free memory in glibc's heaps back to the system (malloc_trim; nothing elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _bytes_available(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -280,9 +326,12 @@ class ParticleData:
         if self.mode == "memory":
             self.y = self._prepare_all()
         else:
-            _return_freed_memory()
             if cache_dir is not None:
                 self.cache = self._open_cache(Path(cache_dir), stack_checksum, share, prune)
+            if self.cache is None:  # preparing every epoch: its FFT temporaries churn glibc's heaps too
+                _return_freed_memory()
+            else:  # hand back what the cache's build left in the heaps
+                _trim_heaps()
 
     def _choose(self, mode: str) -> tuple[str, torch.dtype]:
         per32 = self.n * self.lattice.P * 2 * 4
@@ -485,19 +534,23 @@ class ParticleData:
                     pos = seg[srt]
                     # one sequential read per chunk of the segment
                     parts = np.split(pos, np.flatnonzero(np.diff(pos // self.chunk)) + 1)
-                    if self.cache is not None:  # prepared already, in the served dtype
-                        y_sorted = torch.from_numpy(np.concatenate([self._read_cached(p) for p in parts]))
+                    # the buffer that travels, filled in the segment's order: pinned and fp16 on the way
+                    # to a GPU (as the stack held there would be: half the bytes)
+                    shape = (len(pos), self.lattice.P, 2)
+                    y = torch.empty(shape, dtype=self.dtype, pin_memory=True) if pin else \
+                        _mapped_empty(shape, self.dtype)
+                    dest = torch.from_numpy(srt)  # where the k-th sorted image goes in the segment
+                    if self.cache is not None:  # prepared already, in the served dtype: read and place
+                        at = 0
+                        for p in parts:
+                            y[dest[at:at + len(p)]] = torch.from_numpy(self._read_cached(p))
+                            at += len(p)
                     else:
                         x = np.concatenate([read_chunk_rows(self.source, self.rows[p]) for p in parts])
-                        y_sorted = torch.empty((len(pos), self.lattice.P, 2))
                         for a in range(0, len(pos), PREP_BLOCK):
-                            y_sorted[a:a + PREP_BLOCK] = self.prep(x[a:a + PREP_BLOCK],
-                                                                   self.shifts_px[pos[a:a + PREP_BLOCK]])
+                            y[dest[a:a + PREP_BLOCK]] = self.prep(
+                                x[a:a + PREP_BLOCK], self.shifts_px[pos[a:a + PREP_BLOCK]]).to(self.dtype)
                         del x
-                    # back to the segment's order, written once into the buffer that travels: pinned and
-                    # fp16 on the way to a GPU (as the stack held there would be: half the bytes)
-                    y = torch.empty(y_sorted.shape, dtype=self.dtype, pin_memory=pin)
-                    y[torch.from_numpy(srt)] = y_sorted.to(self.dtype)  # (index_put does not convert)
                     while not stop.is_set():
                         try:
                             q.put((seg, y), timeout=0.5)
@@ -512,26 +565,27 @@ class ParticleData:
 
         th = threading.Thread(target=producer, daemon=True)
         th.start()
-        buf_pos, buf_y = order[:0], None  # images received and not yet served, in order
+        # segments received and not yet served, in order; batches are slices of them (a batch straddling
+        # two segments is the one copy), so no segment-sized buffer is ever copied or concatenated
+        pend: list[tuple[np.ndarray, torch.Tensor]] = []
+        n_pend = 0
         k = 0  # next batch to serve
         try:
             while True:
                 item = q.get()
                 if isinstance(item, BaseException):
                     raise item
-                if item is not None:  # append the new segment once; batches are then slices of it
+                if item is not None:
                     seg, y = item
-                    # one large copy per chunk (asynchronous from pinned memory on a GPU), not one per batch
-                    y = y.to(self.device, non_blocking=pin)
-                    buf_pos = np.concatenate([buf_pos, seg])
-                    buf_y = y if buf_y is None else torch.cat([buf_y, y])
-                at = 0
-                while k < len(sizes) and at + sizes[k] <= len(buf_pos):
+                    # one large copy per segment (asynchronous from pinned memory on a GPU), not one per batch
+                    pend.append((seg, y.to(self.device, non_blocking=pin)))
+                    n_pend += len(seg)
+                while k < len(sizes) and sizes[k] <= n_pend:
                     b = int(sizes[k])
-                    y = buf_y[at:at + b] if buf_y is not None else torch.empty((0, self.lattice.P, 2))
-                    yield self._make_batch(buf_pos[at:at + b], y, int(los[k]), int(n_glob[k]))
-                    at, k = at + b, k + 1
-                buf_pos, buf_y = buf_pos[at:], (buf_y[at:] if buf_y is not None else None)
+                    pos, y = _take(pend, b, (0, self.lattice.P, 2), self.device)
+                    n_pend -= b
+                    yield self._make_batch(pos, y, int(los[k]), int(n_glob[k]))
+                    k += 1
                 if item is None:
                     break
         finally:
