@@ -75,6 +75,10 @@ class PreparedCache:
         self.per_part = max(block, per // block * block)
         self.n_parts = max(1, -(-self.n // self.per_part))
         self._offset: dict[int, int] = {}  # part → byte offset of its data (the .npy header's length)
+        # drop the pages read from the page cache: the cache is as large as the data, read once per epoch
+        # in order, so keeping its pages only pushes a memory-limited job (cgroup) into reclaim; measured
+        # 8 % faster epochs under a limit of half the stack (bench/README.md)
+        self.drop_pages = True
 
     @property
     def nbytes(self) -> int:
@@ -201,7 +205,8 @@ class PreparedCache:
 
     def read(self, lo: int, hi: int) -> np.ndarray:
         """Prepared images of positions [lo, hi), (hi - lo, P, 2) in the cache's dtype: one sequential
-        read per part the span touches, with plain file reads (nothing stays mapped in the process)."""
+        read per part the span touches, with plain file reads (nothing stays mapped in the process), its
+        pages then dropped from the page cache (`drop_pages`)."""
         out = []
         for i in range(lo // self.per_part, (max(hi, lo + 1) - 1) // self.per_part + 1):
             p_lo, p_hi = self.part_range(i)
@@ -213,8 +218,11 @@ class PreparedCache:
                                  "training read it)", self.part_path(i))
             count = (b - a) * self.P * 2
             with open(self.part_path(i), "rb") as f:
-                f.seek(self._offset[i] + (a - p_lo) * self.image_bytes)
+                start = self._offset[i] + (a - p_lo) * self.image_bytes
+                f.seek(start)
                 x = np.fromfile(f, dtype=self.dtype, count=count)
+                if self.drop_pages and hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(f.fileno(), start, x.nbytes, os.POSIX_FADV_DONTNEED)
             if x.size != count:
                 raise InputError(f"ends before position {b} (truncated?)", self.part_path(i))
             out.append(x.reshape(b - a, self.P, 2))
