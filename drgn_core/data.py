@@ -14,7 +14,11 @@ Two ways to hold the prepared data, chosen by size (`mode='auto'`):
   memory for a GPU), for stacks larger than memory. The epoch order is shuffled across and within chunks:
   chunks in random order, taken `mix` at a time, and the images of those `mix` chunks in random order
   together, so that a batch mixes particles from distant parts of the stack (stacks are usually ordered
-  by micrograph) while every read stays a long contiguous one.
+  by micrograph) while every read stays a long contiguous one. With a cache folder (`drgn train`'s
+  default: RUN/stream_cache), the images are prepared once, in one sequential pass before training, into
+  a cache on disk in the dtype served (`drgn_core.io.prepared_cache`), and every epoch then reads prepared
+  values: the per-epoch work of the background thread drops from read + transform to read, and the values
+  are bit-identical to the in-memory mode's (both prepare in the same aligned blocks of PREP_BLOCK).
 Per-image random disk reads never happen in either mode.
 """
 
@@ -23,7 +27,10 @@ from __future__ import annotations
 import mmap
 import os
 import queue
+import shutil
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +41,15 @@ from tqdm import tqdm
 
 from drgn_core.ctf import ctf_from_params
 from drgn_core.errors import InputError
-from drgn_core.io.stack import open_stack, sidecar_path
+from drgn_core.io.prepared_cache import PreparedCache, array_digest
+from drgn_core.io.stack import file_sha256, open_stack, sidecar_path
 from drgn_core.io.table import ParticleTable
 from drgn_core.models import HalfLattice
 
 NORM_SAMPLE = 1000  # images used to estimate the global normalisation scale
 CHUNK_BYTES = 8 * 2**20  # prepared bytes of one streamed chunk when its size is automatic (chunk=0)
 PREP_BLOCK = 256  # images transformed at once: bounds the FFT's temporaries whatever the chunk
+PREP_VERSION = 1  # part of a prepared-image cache's key: raise it when Preparer's arithmetic changes
 
 
 # ---- the stack ----------------------------------------------------------------------------------------
@@ -208,7 +217,9 @@ def _return_freed_memory() -> None:
     mmap threshold after the first such buffer is freed (up to 32 MiB), and from then on serves them from
     per-thread heaps that it rarely returns to the system: measured on a 125 MiB stack, the resident set
     crept up by 110 MiB over an epoch, against 51 MiB with this setting. Elsewhere (not glibc) nothing
-    is changed.
+    is changed. Only streaming without the prepared-image cache sets it: it also makes every training step
+    page-fault its own temporaries (an epoch 1.6x slower), and the cached path needs no large buffer
+    outside `_mapped_empty`.
     """
     import ctypes
     import ctypes.util
@@ -216,6 +227,52 @@ def _return_freed_memory() -> None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixing it also turns off its dynamic raising)
+    except (OSError, AttributeError):
+        pass
+
+
+def _mapped_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in its own anonymous memory map, given back to the system when freed.
+
+    Streamed segments (tens of MiB) are allocated in the background thread and freed in the training
+    thread continually. From glibc's heaps they make the resident set creep up over an epoch; forcing
+    every allocation of 1 MiB or more into its own map (`_return_freed_memory`) prevents that but makes
+    every training step page-fault its temporaries too: measured 1.6x slower per epoch on the CPU
+    (bench/README.md). Mapping only these buffers keeps both the memory bound and the speed.
+    """
+    n = int(np.prod(shape))
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    buf = mmap.mmap(-1, n * torch.empty((), dtype=dtype).element_size())
+    return torch.frombuffer(buf, dtype=dtype, count=n).view(shape)  # the tensor keeps the map alive
+
+
+def _take(pend: list[tuple[np.ndarray, torch.Tensor]], b: int, empty: tuple[int, ...], device: torch.device
+          ) -> tuple[np.ndarray, torch.Tensor]:
+    """Remove the first `b` images from the pending segments: (positions, prepared images)."""
+    if b == 0:
+        return np.zeros(0, np.int64), torch.empty(empty, device=device)
+    pos, ys = [], []
+    while b:
+        seg, y = pend[0]
+        t = min(b, len(seg))
+        pos.append(seg[:t])
+        ys.append(y[:t])
+        if t == len(seg):
+            pend.pop(0)
+        else:
+            pend[0] = (seg[t:], y[t:])
+        b -= t
+    return (pos[0], ys[0]) if len(pos) == 1 else (np.concatenate(pos), torch.cat(ys))
+
+
+def _trim_heaps() -> None:
+    """Give free memory in glibc's heaps back to the system (malloc_trim; nothing elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -241,11 +298,18 @@ class ParticleData:
     'stream'; `chunk` is the number of images read in one go (0: as many as make 8 MiB prepared), and
     `mix` the number of chunks whose images are shuffled together (streamed memory holds about three
     times chunk × mix prepared images).
+
+    Streamed data with a `cache_dir` are prepared once into a prepared-image cache there (reused when it
+    already holds one for the same data; `stack_checksum` is the stack's SHA-256 when the caller knows
+    it, else it is computed). `share` = (rank, world): with several processes each builds its share of
+    the cache's parts first, then any still missing. `prune` removes the other caches in `cache_dir` (a
+    folder only this run uses). Without enough free disk the data stream uncached, with a warning.
     """
 
     def __init__(self, source: ParticleSource, table: ParticleTable, rows: np.ndarray, lattice: HalfLattice,
                  norm_scale: float, device: torch.device, mode: str = "auto", chunk: int = 4096,
-                 progress: bool = True, mix: int = 1):
+                 progress: bool = True, mix: int = 1, cache_dir: str | os.PathLike | None = None,
+                 stack_checksum: str | None = None, share: tuple[int, int] = (0, 1), prune: bool = False):
         self.source, self.lattice, self.device = source, lattice, device
         self.rows = np.asarray(rows, dtype=np.int64)
         self.n = len(self.rows)
@@ -260,10 +324,16 @@ class ParticleData:
         self.prep = Preparer(lattice, norm_scale)
         self.mode, self.dtype = self._choose(mode)
         self.y: torch.Tensor | None = None
+        self.cache: PreparedCache | None = None
         if self.mode == "memory":
             self.y = self._prepare_all()
         else:
-            _return_freed_memory()
+            if cache_dir is not None:
+                self.cache = self._open_cache(Path(cache_dir), stack_checksum, share, prune)
+            if self.cache is None:  # preparing every epoch: its FFT temporaries churn glibc's heaps too
+                _return_freed_memory()
+            else:  # hand back what the cache's build left in the heaps
+                _trim_heaps()
 
     def _choose(self, mode: str) -> tuple[str, torch.dtype]:
         per32 = self.n * self.lattice.P * 2 * 4
@@ -277,21 +347,92 @@ class ParticleData:
             return "memory", torch.float16
         return "stream", torch.float32
 
-    def _prepare_rows(self, pos: np.ndarray) -> torch.Tensor:
-        """Prepared (len(pos), P, 2) float32 for sorted positions (CPU)."""
-        return self.prep(read_rows(self.source, self.rows[pos]), self.shifts_px[pos])
+    def _prepared_blocks(self, lo: int, hi: int, read: int = 4 * PREP_BLOCK) -> Iterator[torch.Tensor]:
+        """Prepared float32 (b, P, 2) of positions lo..hi-1 (lo a multiple of PREP_BLOCK) on the CPU, in
+        blocks of PREP_BLOCK aligned at position 0, reading `read` images (a multiple of it) at a time.
+
+        The in-memory mode and the cache both prepare through here: a transform's float32 result depends
+        on the batch it was computed in (by ~1e-6), so the same blocks give the same bits.
+        """
+        for a in range(lo, hi, read):
+            pos = np.arange(a, min(a + read, hi))
+            x = read_rows(self.source, self.rows[pos])
+            for b in range(0, len(pos), PREP_BLOCK):
+                yield self.prep(x[b:b + PREP_BLOCK], self.shifts_px[pos[b:b + PREP_BLOCK]])
 
     def _prepare_all(self) -> torch.Tensor:
         y = torch.empty((self.n, self.lattice.P, 2), dtype=self.dtype, device=self.device)
-        step = 1024
         bar = tqdm(total=self.n, desc="preparing images", unit="img", disable=not self.progress,
                    mininterval=1.0)
-        for a in range(0, self.n, step):
-            pos = np.arange(a, min(a + step, self.n))
-            y[a:a + len(pos)] = self._prepare_rows(pos).to(self.device, self.dtype)
-            bar.update(len(pos))
+        a = 0
+        for block in self._prepared_blocks(0, self.n):
+            y[a:a + len(block)] = block.to(self.device, self.dtype)
+            a += len(block)
+            bar.update(len(block))
         bar.close()
         return y
+
+    # ---- the prepared-image cache (streaming) -----------------------------------------------------------
+    def _open_cache(self, root: Path, stack_checksum: str | None, share: tuple[int, int],
+                    prune: bool) -> PreparedCache | None:
+        """The complete cache of these data under `root`: reused, or built now (None: no room for it)."""
+        fields = {"prep_version": PREP_VERSION, "prep_block": PREP_BLOCK, "D": self.source.D,
+                  "stack_sha256": stack_checksum or file_sha256(self.source.path),
+                  "stack_bytes": self.source.path.stat().st_size, "norm_scale": float(self.prep.scale).hex(),
+                  "rows": array_digest(self.rows), "shifts_px": array_digest(self.shifts_px),
+                  "signs": array_digest(self.source.signs)}
+        np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
+        cache = PreparedCache(root, fields, self.n, self.lattice.P, np_dtype, PREP_BLOCK)
+        if prune:
+            cache.remove_others()
+        missing = cache.missing()
+        gib = cache.nbytes / 2**30
+        if not missing:
+            if self.progress:
+                tqdm.write(f"prepared images: reusing the cache in {cache.folder} ({gib:.2f} GiB)",
+                           file=sys.stderr)
+            return cache
+        need = sum(hi - lo for lo, hi in map(cache.part_range, missing)) * cache.image_bytes
+        where = next(p for p in (cache.folder, *cache.folder.parents) if p.exists())
+        free = shutil.disk_usage(where).free
+        if need > free:
+            tqdm.write(f"{root}: not enough free disk for the prepared-image cache ({need / 2**30:.2f} GiB "
+                       f"needed, {free / 2**30:.2f} GiB free); every epoch prepares the images again "
+                       "(--stream-cache DIR puts the cache elsewhere)", file=sys.stderr)
+            return None
+        try:
+            cache.open_folder()
+        except OSError as e:
+            raise InputError(f"cannot write the prepared-image cache there ({e.strerror})", root) from None
+        t0 = time.perf_counter()
+        self._build_cache(cache, missing, share)
+        if self.progress:
+            tqdm.write(f"prepared images: cache of {gib:.2f} GiB written to {cache.folder} in "
+                       f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        return cache
+
+    def _build_cache(self, cache: PreparedCache, missing: list[int], share: tuple[int, int]) -> None:
+        """Prepare and write the missing parts: this process's share first (parts i with i % world ==
+        rank), then the others' in turn, skipping any that another process finished meanwhile."""
+        rank, world = share
+        todo = sorted(missing, key=lambda i: ((i % world - rank) % world, i))
+        read = max(PREP_BLOCK, self.chunk // PREP_BLOCK * PREP_BLOCK)
+        total = sum(hi - lo for lo, hi in map(cache.part_range, todo))
+        bar = tqdm(total=total, desc="caching prepared images", unit="img", disable=not self.progress,
+                   mininterval=1.0, file=sys.stderr)
+
+        def blocks(lo: int, hi: int) -> Iterator[np.ndarray]:
+            for y in self._prepared_blocks(lo, hi, read):
+                bar.update(len(y))
+                yield y.to(self.dtype).numpy()  # as the in-memory mode converts (fp16 for a GPU)
+
+        for i in todo:
+            lo, hi = cache.part_range(i)
+            if cache._check_part(i):  # written by another process meanwhile
+                bar.update(hi - lo)
+                continue
+            cache.write_part(i, blocks(lo, hi))
+        bar.close()
 
     # ---- ordering ---------------------------------------------------------------------------------------
     def epoch_order(self, positions: np.ndarray, seed: int, epoch: int) -> np.ndarray:
@@ -376,6 +517,11 @@ class ParticleData:
                 seen.add(c)
         return np.split(order, cuts)
 
+    def _read_cached(self, pos: np.ndarray) -> np.ndarray:
+        """Cached prepared images of sorted positions within one chunk: one read of the span, picked."""
+        block = self.cache.read(int(pos[0]), int(pos[-1]) + 1)
+        return block if len(block) == len(pos) else block[pos - pos[0]]
+
     def _stream(self, order: np.ndarray, sizes: np.ndarray, los: np.ndarray, n_glob: np.ndarray
                 ) -> Iterator[Batch]:
         """Read and prepare chunk segments in a background thread, one ahead of the consumer."""
@@ -390,16 +536,23 @@ class ParticleData:
                     pos = seg[srt]
                     # one sequential read per chunk of the segment
                     parts = np.split(pos, np.flatnonzero(np.diff(pos // self.chunk)) + 1)
-                    x = np.concatenate([read_chunk_rows(self.source, self.rows[p]) for p in parts])
-                    y_sorted = torch.empty((len(pos), self.lattice.P, 2))
-                    for a in range(0, len(pos), PREP_BLOCK):
-                        y_sorted[a:a + PREP_BLOCK] = self.prep(x[a:a + PREP_BLOCK],
-                                                               self.shifts_px[pos[a:a + PREP_BLOCK]])
-                    del x
-                    # back to the segment's order, written once into the buffer that travels: pinned and
-                    # fp16 on the way to a GPU (as the stack held there would be: half the bytes)
-                    y = torch.empty(y_sorted.shape, dtype=self.dtype, pin_memory=pin)
-                    y[torch.from_numpy(srt)] = y_sorted
+                    # the buffer that travels, filled in the segment's order: pinned and fp16 on the way
+                    # to a GPU (as the stack held there would be: half the bytes)
+                    shape = (len(pos), self.lattice.P, 2)
+                    y = torch.empty(shape, dtype=self.dtype, pin_memory=True) if pin else \
+                        _mapped_empty(shape, self.dtype)
+                    dest = torch.from_numpy(srt)  # where the k-th sorted image goes in the segment
+                    if self.cache is not None:  # prepared already, in the served dtype: read and place
+                        at = 0
+                        for p in parts:
+                            y[dest[at:at + len(p)]] = torch.from_numpy(self._read_cached(p))
+                            at += len(p)
+                    else:
+                        x = np.concatenate([read_chunk_rows(self.source, self.rows[p]) for p in parts])
+                        for a in range(0, len(pos), PREP_BLOCK):
+                            y[dest[a:a + PREP_BLOCK]] = self.prep(
+                                x[a:a + PREP_BLOCK], self.shifts_px[pos[a:a + PREP_BLOCK]]).to(self.dtype)
+                        del x
                     while not stop.is_set():
                         try:
                             q.put((seg, y), timeout=0.5)
@@ -414,26 +567,27 @@ class ParticleData:
 
         th = threading.Thread(target=producer, daemon=True)
         th.start()
-        buf_pos, buf_y = order[:0], None  # images received and not yet served, in order
+        # segments received and not yet served, in order; batches are slices of them (a batch straddling
+        # two segments is the one copy), so no segment-sized buffer is ever copied or concatenated
+        pend: list[tuple[np.ndarray, torch.Tensor]] = []
+        n_pend = 0
         k = 0  # next batch to serve
         try:
             while True:
                 item = q.get()
                 if isinstance(item, BaseException):
                     raise item
-                if item is not None:  # append the new segment once; batches are then slices of it
+                if item is not None:
                     seg, y = item
-                    # one large copy per chunk (asynchronous from pinned memory on a GPU), not one per batch
-                    y = y.to(self.device, non_blocking=pin)
-                    buf_pos = np.concatenate([buf_pos, seg])
-                    buf_y = y if buf_y is None else torch.cat([buf_y, y])
-                at = 0
-                while k < len(sizes) and at + sizes[k] <= len(buf_pos):
+                    # one large copy per segment (asynchronous from pinned memory on a GPU), not one per batch
+                    pend.append((seg, y.to(self.device, non_blocking=pin)))
+                    n_pend += len(seg)
+                while k < len(sizes) and sizes[k] <= n_pend:
                     b = int(sizes[k])
-                    y = buf_y[at:at + b] if buf_y is not None else torch.empty((0, self.lattice.P, 2))
-                    yield self._make_batch(buf_pos[at:at + b], y, int(los[k]), int(n_glob[k]))
-                    at, k = at + b, k + 1
-                buf_pos, buf_y = buf_pos[at:], (buf_y[at:] if buf_y is not None else None)
+                    pos, y = _take(pend, b, (0, self.lattice.P, 2), self.device)
+                    n_pend -= b
+                    yield self._make_batch(pos, y, int(los[k]), int(n_glob[k]))
+                    k += 1
                 if item is None:
                     break
         finally:

@@ -63,7 +63,7 @@ CHECKPOINT_FORMAT = "drgnflow-checkpoint/1"
 # (lowering it refines a run whose loss levelled off; train_log.csv records it per epoch). --auto-resume
 # treats another learning rate as another run.
 RESUMABLE = {"epochs", "lr", "device", "threads", "checkpoint_every", "checkpoint_minutes", "data_mode",
-             "chunk", "mix_chunks", "encode_every", "log_steps"}
+             "chunk", "mix_chunks", "encode_every", "log_steps", "stream_cache"}
 MODEL_OPTIONS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_type", "pe_dim", "feat_sigma",
                  "enc_mask")
 
@@ -86,6 +86,7 @@ class TrainConfig:
     data_mode: str = "auto"           # auto | memory | stream
     chunk: int = 0                    # images per streamed chunk (one sequential read); 0: 8 MiB prepared
     mix_chunks: int = 4               # streamed chunks whose images are shuffled together
+    stream_cache: str = "run"         # streamed: prepared images cached in RUN/stream_cache | off | a folder
     encode_every: int = 0             # also write checkpoints/z.EEE.npy every N epochs (0: only at the end)
     log_steps: bool = False           # also write train_steps.csv: the global batch's losses at every step
 
@@ -146,6 +147,15 @@ def load_rows(ind_path: str | os.PathLike | None, n_table: int, allow_pickle: bo
     if ind_path is None:
         return np.arange(n_table, dtype=np.int64)
     return np.sort(read_index_file(ind_path, n_table, allow_pickle=allow_pickle))
+
+
+def stream_cache_dir(run: Path, setting: str) -> Path | None:
+    """Where streamed training caches its prepared images: 'run' → RUN/stream_cache (removed when the
+    run finishes, kept for a resume until then), 'off' → nowhere, else that folder (kept: runs on the
+    same data and seed share it)."""
+    if setting == "off":
+        return None
+    return run / "stream_cache" if setting == "run" else Path(setting)
 
 
 def split_validation(n: int, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -402,6 +412,8 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
             raise DrgnError(f"{run}: already holds a training run; pass --resume to continue it, or choose "
                             "another output directory")
         tcfg = TrainConfig.from_dict(train_opts)
+    if tcfg.stream_cache not in ("run", "off"):  # recorded absolute: a resume may start elsewhere
+        tcfg.stream_cache = str(Path(tcfg.stream_cache).expanduser().absolute())
     dist.barrier()  # every rank has looked at the directory before rank 0 writes into it
 
     # ---- inputs
@@ -463,8 +475,11 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
             if main:
                 log(f"learning rate {old_lr:g} -> {tcfg.lr:g} from epoch {state.epoch + 1}")
 
+    cache_dir = stream_cache_dir(run, tcfg.stream_cache)
     data = ParticleData(source, table, rows, lattice, mcfg.norm_scale, device, tcfg.data_mode, tcfg.chunk,
-                        progress, mix=tcfg.mix_chunks)
+                        progress, mix=tcfg.mix_chunks, cache_dir=cache_dir,
+                        stack_checksum=run_config["inputs"]["stack_sha256"], share=(dist.rank, dist.world),
+                        prune=tcfg.stream_cache == "run")
     n_params = sum(p.numel() for p in model.parameters())
     if dist.active and main:
         log(f"{dist.world} processes ({dist.backend}): global batch {tcfg.batch_size}, about "
@@ -508,6 +523,9 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
     mu, logvar = encode_latents(model, data, amp, progress=progress, dist=dist)
     if not main:
         return run
+    if data.cache is not None and tcfg.stream_cache == "run":  # every rank is done reading it
+        data.cache.remove()
+        log(f"removed the prepared-image cache {data.cache.folder}")
     save_npy(run / "z.npy", mu)
     save_npy(run / "z_logvar.npy", logvar)
     write_index_files(rows, run / "indices.npy")
