@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hmac
 import io
+import ipaddress
 import json
 import secrets
 import sys
@@ -446,6 +447,11 @@ def make_server(app: Explorer, host: str = "127.0.0.1", port: int = 0, verbose: 
 
 def url_of(srv: ThreadingHTTPServer, app: Explorer) -> str:
     host, port = srv.server_address[:2]
-    shown = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    # a wildcard bind (only when the user asked for one) is reached at loopback from this machine
+    try:
+        wildcard = not host or ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a host name
+        wildcard = False
+    shown = "127.0.0.1" if wildcard else host
     return f"http://{shown}:{port}/?token={app.token}"
 
