@@ -115,6 +115,17 @@ def settle(pg) -> None:
     pg.wait_for_function("document.body.dataset.busy === '0'", timeout=20_000)
 
 
+def drag_through(pg, box: dict, verts: list[tuple[float, float]]) -> None:
+    """Press the mouse at the first canvas pixel, move through the others, release, and wait for the page
+    (a lasso with several vertices, a box with two corners)."""
+    pg.mouse.move(box["x"] + verts[0][0], box["y"] + verts[0][1])
+    pg.mouse.down()
+    for vx, vy in verts[1:]:
+        pg.mouse.move(box["x"] + vx, box["y"] + vy)
+    pg.mouse.up()
+    settle(pg)
+
+
 def view(pg) -> tuple[dict, float, float, float, float]:
     """Canvas box on the page and its data range (the page's data-* attributes)."""
     box = pg.locator("#scatter").bounding_box()
@@ -228,12 +239,7 @@ def test_lasso_selects_exactly_the_particles_inside_the_drawn_polygon(page, serv
     assert page.eval_on_selector("#xcol", "s => s.value") == "UMAP1"
     # a star-ish polygon over the upper-left cluster and part of its neighbour, in canvas pixels
     verts = [(120, 140), (330, 90), (420, 260), (300, 250), (360, 420), (170, 380), (90, 250)]
-    page.mouse.move(box["x"] + verts[0][0], box["y"] + verts[0][1])
-    page.mouse.down()
-    for vx, vy in verts[1:]:
-        page.mouse.move(box["x"] + vx, box["y"] + vy)
-    page.mouse.up()
-    settle(page)
+    drag_through(page, box, verts)
     poly = np.array([to_data(vx, vy, x0, x1, y0, y1) for vx, vy in verts])
     um = world["umap"].astype(np.float64)
     want = np.sort(np.nonzero(inside_even_odd(um[:, 0], um[:, 1], poly))[0])  # run rows = table rows here
@@ -348,11 +354,7 @@ def test_export_from_the_page_writes_cs_and_csg(page, server, world):
     box, x0, x1, y0, y1 = view(page)
     page.select_option("#tool", "box")
     a, b = (50, 60), (320, 330)
-    page.mouse.move(box["x"] + a[0], box["y"] + a[1])
-    page.mouse.down()
-    page.mouse.move(box["x"] + b[0], box["y"] + b[1])
-    page.mouse.up()
-    settle(page)
+    drag_through(page, box, [a, b])
     (xa, ya), (xb, yb) = to_data(*a, x0, x1, y0, y1), to_data(*b, x0, x1, y0, y1)
     um = world["umap"].astype(np.float64)
     rows = np.nonzero((um[:, 0] >= min(xa, xb)) & (um[:, 0] <= max(xa, xb)) &
@@ -393,12 +395,7 @@ def click_point(page, server, world, p: int) -> int:
 def test_traversal_between_picked_anchors_from_the_page(page, server, world):
     box = view(page)[0]   # a lasso first, so the screenshot shows a selection too
     verts = [(60, 60), (330, 70), (300, 330), (80, 300)]
-    page.mouse.move(box["x"] + verts[0][0], box["y"] + verts[0][1])
-    page.mouse.down()
-    for vx, vy in verts[1:]:
-        page.mouse.move(box["x"] + vx, box["y"] + vy)
-    page.mouse.up()
-    settle(page)
+    drag_through(page, box, verts)
     assert 0 < int(page.inner_text("#count")) < 400
     drawn = np.frombuffer(api(server, "/api/sample")[1], dtype=np.int32)
     in0 = [int(p) for p in drawn if world["labels"][p] == 0]
