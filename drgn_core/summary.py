@@ -109,6 +109,9 @@ def read_training_run(run: Path, label: str) -> dict:
                            "encoder": _arch(model, "enc"), "decoder": _arch(model, "dec"),
                            "particles": inputs.get("n_particles"), "train": inputs.get("n_train"),
                            "validation": inputs.get("n_val"), "epochs_planned": training.get("epochs")}
+    stopped = cfg.get("stopped") or {}  # why training ended (drgn train; --epochs auto may end it early)
+    if stopped:
+        row["stopped"] = stopped.get("reason")
     log = _read_train_log(run / "train_log.csv")
     if log:
         last = log[-1]
@@ -330,7 +333,7 @@ def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                        [[k, _fmt(v)] for k, v in summary["backprojection"].items()]))
     if "training" in summary:
         cols = ["run", "zdim", "D", "encoder", "decoder", "train", "validation", "epochs", "final_loss",
-                "final_val_loss", "images_per_s", "train_seconds"]
+                "final_val_loss", "images_per_s", "train_seconds", "stopped"]
         tables.append(("Training", [c.replace("_", " ") for c in cols],
                        [[_fmt(r.get(c)) for c in cols] for r in summary["training"]]))
     if "runtimes" in summary:

@@ -72,7 +72,8 @@ MODEL_OPTIONS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_t
 class TrainConfig:
     """Training hyperparameters and run settings (paper defaults: Adam, lr 1e-4, batch 8)."""
 
-    epochs: int = 20
+    epochs: int = 20                  # with auto_stop: the most epochs (the user's maximum)
+    auto_stop: bool = False           # --epochs auto: stop once the epochs' outputs settle (convergence.py)
     batch_size: int = 8
     lr: float = 1e-4
     beta: float | None = None         # KL weight; None → 1/zdim
@@ -263,8 +264,18 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
             np.save(f, arr, allow_pickle=False)
 
 
+def save_snapshot(run: Path, model: HetVAE, mcfg: ModelConfig, epoch: int, mu: np.ndarray,
+                  amp: torch.dtype | None) -> None:
+    """One epoch's snapshot for `drgn convergence`: the latent means (checkpoints/z.EEE.npy) and the
+    weights (checkpoints/model.EEE.pt, a model.pt of that epoch), so that the maps of two epochs can be
+    decoded at the same particles' latents and compared."""
+    save_npy(run / "checkpoints" / f"z.{epoch:03d}.npy", mu)
+    with atomic_path(run / "checkpoints" / f"model.{epoch:03d}.pt") as tmp:
+        torch.save(model_payload(model, mcfg, epochs=epoch, precision="bf16" if amp else "fp32"), tmp)
+
+
 LOG_COLUMNS = ("epoch", "loss", "mse", "kl", "val_loss", "val_mse", "val_kl", "images_per_s", "seconds",
-               "peak_mem_MiB", "lr")
+               "peak_mem_MiB", "lr", "latent_change", "neighbours_kept", "map_agreement")
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -329,6 +340,7 @@ class Progress:
     sums: list[float] = field(default_factory=lambda: [0.0] * 4)  # loss·B, mse·B, kl·B, images
     seconds: float = 0.0                 # training time of that epoch so far
     log: list[dict] = field(default_factory=list)
+    stopped: str | None = None           # --epochs auto: why training stopped early (None: not stopped)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------
@@ -342,7 +354,7 @@ def save_checkpoint(path: Path, model: HetVAE, opt: torch.optim.Optimizer, gen: 
     payload = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
                "rng": gen.get_state(), "epoch": state.epoch, "step": state.step,
                "sums": [float(x) for x in state.sums], "seconds": state.seconds, "log": state.log,
-               "model_config": model.cfg.to_dict(), "run_config": run_config}
+               "model_config": model.cfg.to_dict(), "run_config": run_config, "stopped": state.stopped}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -359,7 +371,8 @@ def restore_checkpoint(path: Path, model: HetVAE, opt: torch.optim.Optimizer,
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     gen.set_state(ck["rng"])
-    return Progress(ck["epoch"], ck["step"], list(ck["sums"]), ck["seconds"], list(ck["log"]))
+    return Progress(ck["epoch"], ck["step"], list(ck["sums"]), ck["seconds"], list(ck["log"]),
+                    ck.get("stopped"))
 
 
 # ---- the run ------------------------------------------------------------------------------------------
@@ -491,7 +504,8 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
 
     # ---- the loop
     model.train()
-    while state.epoch < tcfg.epochs:
+    auto = AutoStop(run, tcfg, device) if tcfg.auto_stop else None
+    while state.epoch < tcfg.epochs and not state.stopped:
         run_epoch(model, opt, gen, data, train_pos, tcfg, beta, amp, state, ck_path, run_config, progress,
                   dist)
         val = evaluate(model, data, val_pos, beta, amp, dist=dist)
@@ -500,18 +514,26 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
                "val_loss": val["loss"], "val_mse": val["mse"], "val_kl": val["kl"],
                "images_per_s": n_img / max(state.seconds, 1e-9), "seconds": state.seconds,
                "peak_mem_MiB": peak_memory_mib(device), "lr": opt.param_groups[0]["lr"]}
+        if auto is not None:  # snapshot this epoch, compare it with the last, decide (every rank encodes)
+            mu, _ = encode_latents(model, data, amp, progress=progress, dist=dist)
+            if main:
+                save_snapshot(run, model, mcfg, row["epoch"], mu, amp)
+                row.update(auto.compare(row["epoch"], mu, state.log))
+            state.stopped = dist.broadcast(auto.decide(row, state.log) if main else None)
         state.log.append({k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()})  # plain types
+        if state.stopped and main:
+            log(f"{run}: {state.stopped}")
         if main:
             log(f"epoch {row['epoch']}/{tcfg.epochs}  loss {row['loss']:.5f}  mse {row['mse']:.5f}  "
                 f"kl {row['kl']:.3f}  val {row['val_loss']:.5f}  {row['images_per_s']:.1f} img/s  "
                 f"{state.seconds:.0f} s  peak {row['peak_mem_MiB']:.0f} MiB")
             write_log(run / "train_log.csv", state.log)
         state.epoch, state.step, state.sums, state.seconds = state.epoch + 1, 0, [0.0] * 4, 0.0
-        done = state.epoch == tcfg.epochs
-        if tcfg.encode_every and state.epoch % tcfg.encode_every == 0 and not done:
+        done = state.epoch == tcfg.epochs or bool(state.stopped)
+        if tcfg.encode_every and state.epoch % tcfg.encode_every == 0 and not done and auto is None:
             mu, _ = encode_latents(model, data, amp, progress=progress, dist=dist)  # every rank takes part
             if main:
-                save_npy(run / "checkpoints" / f"z.{state.epoch:03d}.npy", mu)
+                save_snapshot(run, model, mcfg, state.epoch, mu, amp)
         if main and (state.epoch % tcfg.checkpoint_every == 0 or done):
             save_checkpoint(ck_path, model, opt, gen, state, run_config)
 
@@ -532,10 +554,89 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
     write_index_files(rows[val_pos], run / "val_indices.npy")
     write_log(run / "train_log.csv", state.log)
     plot_learning_curve(run / "learning_curve.png", state.log)
+    run_config["stopped"] = stop_record(tcfg, state)
+    write_config(run / "config.yaml", run_config)
+    if auto is not None:
+        auto.plot(state.log)
     with atomic_path(run / "model.pt") as tmp:
         # the precision travels with the model so that `drgn encode` reproduces z.npy
-        torch.save(model_payload(model, mcfg, epochs=tcfg.epochs, precision="bf16" if amp else "fp32"), tmp)
+        torch.save(model_payload(model, mcfg, epochs=state.epoch, precision="bf16" if amp else "fp32"), tmp)
     return run
+
+
+def stop_record(tcfg: TrainConfig, state: Progress) -> dict:
+    """config.yaml's `stopped` entry: after how many epochs training ended, and why (the summary shows it)."""
+    if state.stopped:
+        reason = state.stopped
+    elif tcfg.auto_stop:
+        reason = (f"reached the maximum of {tcfg.epochs} epochs (--max-epochs) before the latent and maps "
+                  "settled: train longer, or look at convergence.png")
+    else:
+        reason = f"trained the {tcfg.epochs} epochs asked (--epochs)"
+    return {"epoch": int(state.epoch), "auto": bool(tcfg.auto_stop), "max_epochs": int(tcfg.epochs),
+            "early": bool(state.stopped), "reason": reason}
+
+
+class AutoStop:
+    """--epochs auto inside the training loop: compares each epoch's snapshot with the previous one
+    (drgn_core.convergence) and applies its stopping rule. Runs on rank 0; the decision is broadcast.
+
+    The on-data points whose maps are compared are chosen once, at the first comparison, and kept in
+    checkpoints/map_rows.npy so that a resumed run follows the same particles. The previous epoch's
+    latent and maps are kept in memory (or re-read from its snapshot after a resume), so each epoch's maps
+    are decoded once.
+    """
+
+    def __init__(self, run: Path, tcfg: TrainConfig, device: torch.device):
+        self.run, self.tcfg, self.device = run, tcfg, str(device)
+        self.prev: tuple[int, np.ndarray, np.ndarray | None] | None = None  # (epoch, z, maps at rows)
+
+    def _rows(self, z: np.ndarray) -> np.ndarray:
+        from drgn_core.convergence import MAP_POINTS, choose_rows
+
+        f = self.run / "checkpoints" / "map_rows.npy"
+        if f.exists():
+            return np.load(f, allow_pickle=False)
+        rows = choose_rows(z, MAP_POINTS, self.tcfg.seed)
+        save_npy(f, rows)
+        return rows
+
+    def compare(self, epoch: int, z: np.ndarray, history: list[dict]) -> dict:
+        """The measures between epoch-1 and `epoch` (NaN at the first epoch)."""
+        from drgn_core.convergence import Snapshot, epoch_pair
+
+        ck = self.run / "checkpoints"
+        cur = Snapshot(epoch, ck / f"z.{epoch:03d}.npy", ck / f"model.{epoch:03d}.pt")
+        prev = Snapshot(epoch - 1, ck / f"z.{epoch - 1:03d}.npy", ck / f"model.{epoch - 1:03d}.pt")
+        if epoch < 2 or not prev.z.exists() or not prev.model.exists():
+            return {"latent_change": math.nan, "neighbours_kept": math.nan, "map_agreement": math.nan}
+        rows = self._rows(z)
+        z_prev = vols_prev = None
+        if self.prev is not None and self.prev[0] == epoch - 1:
+            _, z_prev, vols_prev = self.prev
+        m, z_cur, vols = epoch_pair(prev, cur, rows, self.tcfg.seed, self.device, z_prev, vols_prev)
+        self.prev = (epoch, z_cur, vols)
+        return {k: m[k] for k in ("latent_change", "neighbours_kept", "map_agreement")}
+
+    def decide(self, row: dict, history: list[dict]) -> str | None:
+        """The stopping rule on the epochs so far (`history` without this epoch's row, then `row`)."""
+        from drgn_core.convergence import settled
+
+        rows = [*history, row]
+        pairs = [{"epoch": int(r["epoch"]), "latent_change": r["latent_change"],
+                  "neighbours_kept": r["neighbours_kept"], "map_agreement": r["map_agreement"]}
+                 for r in rows if not math.isnan(r.get("latent_change", math.nan))]
+        return settled(pairs, int(row["epoch"]))
+
+    def plot(self, log_rows: list[dict]) -> None:
+        """RUN/convergence.png: the measures that decided when to stop."""
+        from drgn_core.convergence import plot_convergence
+
+        pairs = [{"epoch": r["epoch"], **{k: r.get(k) for k in ("latent_change", "neighbours_kept",
+                                                                 "map_agreement")}}
+                 for r in log_rows if not math.isnan(r.get("latent_change", math.nan))]
+        if pairs:
+            plot_convergence(pairs, self.run / "convergence.png")
 
 
 def overfitting_note(rows: list[dict], patience: int = 3, tolerance: float = 1e-3) -> str | None:
@@ -702,7 +803,7 @@ def auto_resume_possible(run: Path, model_opts: dict, train_opts: dict, table_pa
         _refuse_conflicts(stored["training"], train_opts, run, RESUMABLE - {"lr"})  # as in train()
         _check_same_inputs(stored["inputs"], table_path, stack_path, ind_path)
         wanted = train_opts.get("epochs", stored["training"]["epochs"])
-        if ck["epoch"] >= wanted:  # a finished run whose outputs were removed: a rerun was forced
+        if ck["epoch"] >= wanted or ck.get("stopped"):  # finished, outputs removed: a rerun was forced
             raise DrgnError(f"it finished {ck['epoch']} epochs and {wanted} are asked")
     except Exception as e:  # unreadable, or another run's: a leftover, discarded
         log(f"{run}: not resuming from the leftover checkpoint ({e}); starting afresh")

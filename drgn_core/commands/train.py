@@ -28,6 +28,7 @@ processes; config.yaml records each resume (`resumes`) and the processes used (`
 
 Example:
   drgn train table.star particles.128.mrcs -o runs/pilot --zdim 10 --epochs 50
+  drgn train table.star particles.128.mrcs -o runs/auto --zdim 10 --epochs auto --max-epochs 60
   drgn train table.star particles.128.mrcs -o runs/pilot4 --zdim 10 --gpus 4
   srun --nodes 2 --ntasks-per-node 1 --gpus-per-node 4 \\
       drgn train table.star particles.256.mrcs -o runs/big --zdim 10 --gpus 4 --nnodes 2
@@ -38,7 +39,8 @@ Example:
 # Option name → (model or training key). Defaults are None so that --resume can tell which were given.
 MODEL_KEYS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_type", "pe_dim", "feat_sigma",
               "enc_mask")
-TRAIN_KEYS = ("epochs", "batch_size", "lr", "beta", "seed", "device", "precision", "threads", "val_frac",
+TRAIN_KEYS = ("epochs", "auto_stop", "batch_size", "lr", "beta", "seed", "device", "precision", "threads",
+              "val_frac",
               "checkpoint_every", "checkpoint_minutes", "data_mode", "chunk", "mix_chunks",
               "encode_every", "log_steps", "stream_cache")
 
@@ -69,7 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--pe-dim", type=int, help="encoding frequencies per axis (default D/2)")
     m.add_argument("--feat-sigma", type=float, help="σ of the Gaussian features (default 0.5)")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, help="passes over the training images (default 20)")
+    t.add_argument("--epochs", type=_epochs,
+                   help="passes over the training images (default 20), or 'auto': stop once the latent and "
+                        "the maps no longer change between epochs (drgn convergence's measures; at most "
+                        "--max-epochs). config.yaml's `stopped` says after which epoch and why")
+    t.add_argument("--max-epochs", type=int,
+                   help=f"with --epochs auto: the most epochs to train (default {AUTO_MAX})")
     t.add_argument("--batch-size", type=int, help="images per batch (default 8)")
     t.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
     t.add_argument("--beta", type=float, help="KL weight β (default 1/zdim)")
@@ -115,8 +122,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write train_steps.csv: the global batch's loss, MSE and KL at every step")
 
 
+AUTO_MAX = 50  # = drgn_core.convergence.AUTO_DEFAULT_MAX_EPOCHS (not imported: this module stays light)
+
+
+def _epochs(text: str) -> int | str:
+    """--epochs: a whole number, or 'auto'."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+
+
 def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
-    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if out.get("epochs") == "auto":  # the maximum becomes the run's epochs; auto_stop ends it earlier
+        out["auto_stop"] = True
+        out["epochs"] = args.max_epochs or AUTO_MAX
+    elif "epochs" in keys and getattr(args, "max_epochs", None) is not None:
+        from drgn_core.errors import DrgnError
+
+        raise DrgnError("--max-epochs is for --epochs auto; with a fixed number of epochs, give --epochs only")
+    return out
 
 
 def _validate(opts: dict) -> None:
@@ -144,6 +172,10 @@ def _command_line(args: argparse.Namespace) -> list[str]:
     out += ["--resume"] if args.resume else []
     out += ["--auto-resume"] if args.auto_resume else []
     for k, v in {**_given(args, MODEL_KEYS), **_given(args, TRAIN_KEYS)}.items():
+        if k == "auto_stop":
+            continue
+        if k == "epochs" and args.epochs == "auto":
+            k, out = "max_epochs", out + ["--epochs", "auto"]
         flag = "--" + k.replace("_", "-")
         out += [flag] if v is True else [flag, str(v)]
     return out

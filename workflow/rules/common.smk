@@ -199,8 +199,10 @@ def get_train_flags(stage):
 
     def flags(wildcards):
         zdim = wildcards.zdim if stage == "pilot" else section["zdim"]
+        epochs = (f"--epochs auto --max-epochs {t['max_epochs']}" if t["epochs"] == "auto"
+                  else f"--epochs {t['epochs']}")
         return (
-            f"--zdim {zdim} --epochs {t['epochs']} --enc-dim {t['enc_dim']} "
+            f"--zdim {zdim} {epochs} --enc-dim {t['enc_dim']} "
             f"--enc-layers {t['enc_layers']} --dec-dim {t['dec_dim']} --dec-layers {t['dec_layers']} "
             f"--batch-size {t['batch_size']} --lr {t['lr']} --seed {t['seed']} "
             f"--val-frac {section['val_frac']} --device {config['device']} {t['extra']}"
