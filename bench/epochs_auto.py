@@ -76,7 +76,8 @@ def main() -> int:
     stop = conv["auto_would_stop_after"]
     print(json.dumps({"run": str(a.run), "rho_per_epoch": {str(k): round(v, 4) for k, v in rho.items()},
                       "final_epoch": max(rho), "final_rho": round(final, 4), "epochs_needed": needed,
-                      "auto_stops_after": stop, "rho_at_auto_stop": None if stop is None else round(rho[stop], 4),
+                      "auto_stops_after": stop,
+                      "rho_at_auto_stop": None if stop is None else round(rho[stop], 4),
                       "pairs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in p.items()
                                  if k != "map_agreement_per_point"} for p in conv["pairs"]],
                       "train_seconds": round(train_s, 1)}, indent=1))

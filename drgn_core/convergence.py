@@ -26,6 +26,7 @@ justified in docs/architecture.md § Convergence and bench/README.md.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -247,7 +248,7 @@ def convergence(run: str | os.PathLike, outdir: str | os.PathLike, points: int =
     rows = choose_rows(z_last.reshape(len(z_last), -1), points, seed) if points > 0 else None
     pairs: list[dict] = []
     z_prev = vols_prev = None
-    for a, b in tqdm(list(zip(snaps[:-1], snaps[1:])), desc="epoch pairs", unit="pair", file=sys.stderr,
+    for a, b in tqdm(list(itertools.pairwise(snaps)), desc="epoch pairs", unit="pair", file=sys.stderr,
                      disable=not progress):
         m, z_prev, vols_prev = epoch_pair(a, b, rows, seed, device, z_prev, vols_prev)
         m["settled"] = pair_settled(m)
@@ -256,7 +257,8 @@ def convergence(run: str | os.PathLike, outdir: str | os.PathLike, points: int =
                                                          h["epoch"])), None)
     result = {"run": str(run.resolve()), "epochs": [s.epoch for s in snaps], "pairs": pairs,
               "map_rows": None if rows is None else [int(r) for r in rows], "seed": seed,
-              "rule": {"max_latent_change": AUTO_MAX_LATENT_CHANGE, "min_neighbours_kept": AUTO_MIN_NEIGHBOURS,
+              "rule": {"max_latent_change": AUTO_MAX_LATENT_CHANGE,
+                       "min_neighbours_kept": AUTO_MIN_NEIGHBOURS,
                        "min_map_agreement": AUTO_MIN_MAP_AGREEMENT, "patience": AUTO_PATIENCE,
                        "min_epochs": AUTO_MIN_EPOCHS},
               "auto_would_stop_after": stop_at}

@@ -101,8 +101,8 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("conv")
     ds = render(tmp / "data", n=240, D=16, kind="continuous", snr=1.0, apix=8.0, seed=3)
     run = tmp / "run"
-    assert main(["train", str(ds.table), str(ds.stack), "-o", str(run), "--epochs", "3", "--encode-every", "1",
-                 *TINY]) == 0
+    assert main(["train", str(ds.table), str(ds.stack), "-o", str(run), "--epochs", "3", "--encode-every",
+                 "1", *TINY]) == 0
     return ds, run
 
 

@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                           "(default RUN/convergence)")
     p.add_argument("--points", type=int, default=6,
                    help="on-data points whose maps are compared between epochs; 0 skips the maps (default 6)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the k-means and the particle sample (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the k-means and the particle sample (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto: where maps are decoded (default cpu)")
 
 

@@ -143,7 +143,8 @@ def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
     elif "epochs" in keys and getattr(args, "max_epochs", None) is not None:
         from drgn_core.errors import DrgnError
 
-        raise DrgnError("--max-epochs is for --epochs auto; with a fixed number of epochs, give --epochs only")
+        raise DrgnError("--max-epochs is for --epochs auto; with a fixed number of epochs, give --epochs "
+                        "only")
     return out
 
 
@@ -175,7 +176,7 @@ def _command_line(args: argparse.Namespace) -> list[str]:
         if k == "auto_stop":
             continue
         if k == "epochs" and args.epochs == "auto":
-            k, out = "max_epochs", out + ["--epochs", "auto"]
+            k, out = "max_epochs", [*out, "--epochs", "auto"]
         flag = "--" + k.replace("_", "-")
         out += [flag] if v is True else [flag, str(v)]
     return out
