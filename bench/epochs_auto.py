@@ -36,8 +36,8 @@ def rho_per_epoch(run: Path, table: Path) -> dict[int, float]:
     from drgn_core.io.table import read_table
 
     t = read_table(table)
-    coord = np.asarray(t.df["drgnGtCoord"], dtype=np.float64)
-    junk = np.asarray(t.df["drgnGtJunk"], bool) if "drgnGtJunk" in t.df else None
+    coord = t.particles["drgnGtCoord"].to_numpy(dtype=np.float64)
+    junk = t.particles["drgnGtJunk"].to_numpy(dtype=float) > 0 if "drgnGtJunk" in t.particles else None
     rows = read_index_file(run / "indices.npy")
     out = {}
     for s in list_snapshots(run):

@@ -39,11 +39,13 @@ import numpy as np
 from drgn_core.errors import InputError
 
 # --- the stopping rule of --epochs auto (docs/architecture.md § Convergence) --------------------------
-AUTO_MAX_LATENT_CHANGE = 0.02   # at most 2 % of the latent variance unexplained by an affine map
-AUTO_MIN_NEIGHBOURS = 0.70      # at least 70 % of the 10 nearest neighbours kept
-AUTO_MIN_MAP_AGREEMENT = 0.90   # FSC-AUC at least 90 % of the perfect curve's, at every on-data point
-AUTO_PATIENCE = 3               # ... on every measure, for this many consecutive epoch pairs
-AUTO_MIN_EPOCHS = 5             # and never before this many epochs
+AUTO_MAX_LATENT_CHANGE = 0.06   # the latent moves by at most 6 % of its variance (after an affine fit) ...
+AUTO_PLATEAU = 0.03             # ... or its change levelled off: the median of the last 3 pairs within
+                                #     3 % of the 3 before's
+AUTO_NEIGHBOUR_FRACTION = 0.80  # no reorganisation: neighbours kept >= 80 % of the best value so far
+AUTO_MIN_MAP_AGREEMENT = 0.75   # maps at the on-data points agree to FSC-AUC >= 75 % of the maximum (mean)
+AUTO_PATIENCE = 3               # all of it for this many consecutive epoch pairs
+AUTO_MIN_EPOCHS = 6             # and never before this many epochs
 AUTO_DEFAULT_MAX_EPOCHS = 50    # --epochs auto without --max-epochs
 
 NEIGHBOURS_K = 10
@@ -128,18 +130,27 @@ def choose_rows(z: np.ndarray, k: int = MAP_POINTS, seed: int = 0) -> np.ndarray
 
 def pair_measures(z_a: np.ndarray, z_b: np.ndarray, vols_a: np.ndarray | None, vols_b: np.ndarray | None,
                   seed: int = 0) -> dict:
-    """The three measures between two epochs; map agreement is the worst point's (None without maps)."""
+    """The three measures between two epochs; map agreement is the mean over the points (None without
+    maps), its worst point and every point's value are kept too."""
     maps = None if vols_a is None or vols_b is None else map_agreement(vols_a, vols_b)
-    return {"latent_change": latent_change(z_a, z_b, seed), "neighbours_kept": neighbours_kept(z_a, z_b,
-                                                                                             seed=seed),
-            "map_agreement": None if maps is None else float(maps.min()),
+    return {"latent_change": latent_change(z_a, z_b, seed),
+            "neighbours_kept": neighbours_kept(z_a, z_b, seed=seed),
+            "map_agreement": None if maps is None else float(maps.mean()),
+            "map_agreement_worst": None if maps is None else float(maps.min()),
             "map_agreement_per_point": None if maps is None else [float(x) for x in maps]}
 
 
-def pair_settled(m: dict) -> bool:
-    """Whether one epoch pair is below every threshold of the stopping rule."""
-    return (m["latent_change"] <= AUTO_MAX_LATENT_CHANGE and m["neighbours_kept"] >= AUTO_MIN_NEIGHBOURS
-            and (m["map_agreement"] is None or m["map_agreement"] >= AUTO_MIN_MAP_AGREEMENT))
+def _latent_settled(history: list[dict], patience: int) -> tuple[bool, str]:
+    """The latent part of the rule on the last `patience` pairs: small, or levelled off (neither falling,
+    which says training still improves it, nor rising, which says the latent is reorganising)."""
+    last = [h["latent_change"] for h in history[-patience:]]
+    if max(last) <= AUTO_MAX_LATENT_CHANGE:
+        return True, f"the latent changed by <= {max(last):.4f} of its variance per epoch"
+    before = [h["latent_change"] for h in history[-2 * patience:-patience]]
+    if len(before) == patience and abs(np.median(last) / np.median(before) - 1) <= AUTO_PLATEAU:
+        return True, (f"the latent's change per epoch levelled off (median {np.median(last):.4f} against "
+                      f"{np.median(before):.4f} {patience} epochs before)")
+    return False, ""
 
 
 def settled(history: list[dict], epoch: int, patience: int = AUTO_PATIENCE,
@@ -147,21 +158,26 @@ def settled(history: list[dict], epoch: int, patience: int = AUTO_PATIENCE,
     """The stopping rule: a sentence saying why training may stop after `epoch`, or None to go on.
 
     `history` holds the measures of consecutive epoch pairs (each with 'epoch': the later epoch), oldest
-    first. Stop when the last `patience` pairs are all within every threshold, and `epoch` >= min_epochs.
+    first. Training may stop when, for the last `patience` pairs, (1) the latent changed by at most
+    AUTO_MAX_LATENT_CHANGE per epoch, or its change levelled off (AUTO_PLATEAU); (2) each kept at least
+    AUTO_NEIGHBOUR_FRACTION of the best neighbours-kept value so far (no reorganisation under way); (3) the
+    maps' mean agreement was at least AUTO_MIN_MAP_AGREEMENT; and `epoch` >= min_epochs.
     """
     if epoch < min_epochs or len(history) < patience:
         return None
     last = history[-patience:]
-    if [h["epoch"] for h in last] != list(range(epoch - patience + 1, epoch + 1)) or \
-            not all(pair_settled(h) for h in last):
+    if [h["epoch"] for h in last] != list(range(epoch - patience + 1, epoch + 1)):
         return None
-    worst_z = max(h["latent_change"] for h in last)
+    ok, latent_text = _latent_settled(history, patience)
+    best_nn = max(h["neighbours_kept"] for h in history)
     worst_nn = min(h["neighbours_kept"] for h in last)
-    maps = [h["map_agreement"] for h in last if h["map_agreement"] is not None]
-    map_text = f", map agreement >= {min(maps):.3f}" if maps else ""
-    return (f"settled after epoch {epoch}: for {patience} consecutive epochs the latent changed by <= "
-            f"{worst_z:.4f} (limit {AUTO_MAX_LATENT_CHANGE}), >= {worst_nn:.3f} of the neighbours were kept "
-            f"(limit {AUTO_MIN_NEIGHBOURS}){map_text} (limit {AUTO_MIN_MAP_AGREEMENT})")
+    maps = [h["map_agreement"] for h in last if h.get("map_agreement") is not None]
+    blurred = bool(maps) and min(maps) < AUTO_MIN_MAP_AGREEMENT
+    if not ok or worst_nn < AUTO_NEIGHBOUR_FRACTION * best_nn or blurred:
+        return None
+    map_text = f", the maps agreed to >= {min(maps):.3f} (FSC-AUC / max)" if maps else ""
+    return (f"settled after epoch {epoch}: for {patience} consecutive epochs {latent_text}, >= "
+            f"{worst_nn:.3f} of the nearest neighbours were kept (best {best_nn:.3f}){map_text}")
 
 
 # ---- snapshots of a run ---------------------------------------------------------------------------------
@@ -251,14 +267,13 @@ def convergence(run: str | os.PathLike, outdir: str | os.PathLike, points: int =
     for a, b in tqdm(list(itertools.pairwise(snaps)), desc="epoch pairs", unit="pair", file=sys.stderr,
                      disable=not progress):
         m, z_prev, vols_prev = epoch_pair(a, b, rows, seed, device, z_prev, vols_prev)
-        m["settled"] = pair_settled(m)
         pairs.append(m)
     stop_at = next((h["epoch"] for h in pairs if settled([p for p in pairs if p["epoch"] <= h["epoch"]],
                                                          h["epoch"])), None)
     result = {"run": str(run.resolve()), "epochs": [s.epoch for s in snaps], "pairs": pairs,
               "map_rows": None if rows is None else [int(r) for r in rows], "seed": seed,
-              "rule": {"max_latent_change": AUTO_MAX_LATENT_CHANGE,
-                       "min_neighbours_kept": AUTO_MIN_NEIGHBOURS,
+              "rule": {"max_latent_change": AUTO_MAX_LATENT_CHANGE, "plateau": AUTO_PLATEAU,
+                       "neighbour_fraction_of_best": AUTO_NEIGHBOUR_FRACTION,
                        "min_map_agreement": AUTO_MIN_MAP_AGREEMENT, "patience": AUTO_PATIENCE,
                        "min_epochs": AUTO_MIN_EPOCHS},
               "auto_would_stop_after": stop_at}
@@ -281,17 +296,16 @@ def plot_convergence(pairs: list[dict], path: Path) -> None:
     ep = [p["epoch"] for p in pairs]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), dpi=110)
     specs = [("latent_change", "latent change (1 − R², affine)", AUTO_MAX_LATENT_CHANGE, True),
-             ("neighbours_kept", f"{NEIGHBOURS_K} nearest neighbours kept", AUTO_MIN_NEIGHBOURS, False),
+             ("neighbours_kept", f"{NEIGHBOURS_K} nearest neighbours kept", None, False),
              ("map_agreement", "map agreement (FSC-AUC / max)", AUTO_MIN_MAP_AGREEMENT, False)]
     for ax, (key, label, limit, log) in zip(axes, specs):
         vals = [np.nan if p[key] is None else p[key] for p in pairs]
         ax.plot(ep, vals, "o-")
-        if key == "map_agreement":
-            per = [p.get("map_agreement_per_point") for p in pairs]
-            if per and per[0]:
-                ax.plot(ep, [np.mean(x) if x else np.nan for x in per], "s--", alpha=0.6, label="mean")
-                ax.legend(["worst point", "mean"], fontsize=7)
-        ax.axhline(limit, ls=":", color="grey")
+        if key == "map_agreement" and any(p.get("map_agreement_worst") is not None for p in pairs):
+            ax.plot(ep, [p.get("map_agreement_worst") or np.nan for p in pairs], "s--", alpha=0.6)
+            ax.legend(["mean over the points", "worst point"], fontsize=7)
+        if limit is not None:
+            ax.axhline(limit, ls=":", color="grey")
         ax.set_xlabel("epoch (vs the one before)")
         ax.set_title(label, fontsize=9)
         if log and all(v > 0 for v in vals if np.isfinite(v)):

@@ -59,11 +59,12 @@ from drgn_core.models import (
 from drgn_core.rundir import resolve_device
 
 CHECKPOINT_FORMAT = "drgnflow-checkpoint/1"
-# Options a resumed run may change: speed and bookkeeping, the length of training, and the learning rate
+# Options a resumed run may change: speed and bookkeeping, the length of training (a fixed --epochs N also
+# continues a run that --epochs auto stopped), and the learning rate
 # (lowering it refines a run whose loss levelled off; train_log.csv records it per epoch). --auto-resume
 # treats another learning rate as another run.
-RESUMABLE = {"epochs", "lr", "device", "threads", "checkpoint_every", "checkpoint_minutes", "data_mode",
-             "chunk", "mix_chunks", "encode_every", "log_steps", "stream_cache"}
+RESUMABLE = {"epochs", "auto_stop", "lr", "device", "threads", "checkpoint_every", "checkpoint_minutes",
+             "data_mode", "chunk", "mix_chunks", "encode_every", "log_steps", "stream_cache"}
 MODEL_OPTIONS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_type", "pe_dim", "feat_sigma",
                  "enc_mask")
 
@@ -481,6 +482,10 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
             log(f"resuming {run} at epoch {state.epoch + 1}, batch {state.step} with {dist.world} "
                 f"process{'es' if dist.world > 1 else ''}")
             _record_resume(run, run_config, prev_world, state, dist)
+        if state.stopped and not tcfg.auto_stop:  # --resume --epochs N: train on past the automatic stop
+            if main:
+                log(f"continuing past the automatic stop after epoch {state.epoch} to {tcfg.epochs} epochs")
+            state.stopped = None
         old_lr = opt.param_groups[0]["lr"]
         if old_lr != tcfg.lr:  # Adam's moments are kept; only the step size changes
             for group in opt.param_groups:

@@ -140,7 +140,9 @@ def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
     if out.get("epochs") == "auto":  # the maximum becomes the run's epochs; auto_stop ends it earlier
         out["auto_stop"] = True
         out["epochs"] = args.max_epochs or AUTO_MAX
-    elif "epochs" in keys and getattr(args, "max_epochs", None) is not None:
+    elif "epochs" in out:
+        out["auto_stop"] = False  # a fixed number (on --resume: also past a run's automatic stop)
+    if "epochs" in keys and not out.get("auto_stop") and getattr(args, "max_epochs", None) is not None:
         from drgn_core.errors import DrgnError
 
         raise DrgnError("--max-epochs is for --epochs auto; with a fixed number of epochs, give --epochs "
