@@ -19,7 +19,9 @@ written by rank 0 resumes on any number of them. Validation sums and latents are
 
 Run directory (docs/architecture.md): config.yaml, checkpoints/last.pt, then at the end model.pt, z.npy,
 z_logvar.npy, indices.npy and val_indices.npy (each + .txt), train_log.csv, learning_curve.png. model.pt is
-written last but one, so its presence marks a finished run.
+written last but one, so its presence marks a finished run. --encode-every N and --epochs auto also keep
+epoch snapshots (checkpoints/z.EEE.npy, model.EEE.pt; docs/architecture.md § Convergence); config.yaml's
+`stopped` says after which epoch and why training ended.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ with three measures, each between 0 and 1:
                    nearest (2,000 seeded particles);
   map agreement    FSC-AUC / its maximum between the two epochs' maps decoded at the same particles'
                    latents: the particles nearest to k-means centres (--points) of the last epoch's latent,
-                   chosen once; the worst point is reported.
+                   chosen once; the mean over the points (and the worst) is reported.
 
 Writes OUTDIR/convergence.json (every pair's measures, the points, the stopping rule and the epoch after
 which drgn train --epochs auto would have stopped) and OUTDIR/convergence.png (one panel per measure,
