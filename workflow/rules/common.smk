@@ -93,6 +93,17 @@ def get_run_outputs(run_dir):
     return {Path(f).stem: f"{run_dir}/{f}" for f in RUN_FILES}
 
 
+def get_convergence_outputs(stage, run_dir, labels):
+    """convergence.png of a training run with `epochs: auto` (drgn train --epochs auto writes it), as a
+    report item; nothing for a fixed number of epochs. Decided at parse time from the config."""
+    if config[stage]["train"]["epochs"] != "auto":
+        return {}
+    return {"convergence": report(f"{run_dir}/convergence.png", caption="../report/convergence.rst",
+                                  category="3. High-resolution training" if stage == "highres"
+                                  else "1. Pilot training",
+                                  labels={**labels, "figure": "convergence (epochs: auto)"})}
+
+
 def get_pilot_models(wildcards=None):
     """model.pt of every pilot run: the filter reads their latents."""
     return [f"{get_pilot_dir(z)}/model.pt" for z in ZDIMS]

@@ -18,6 +18,7 @@ rule train_highres:
             category="3. High-resolution training",
             labels={"figure": "learning curve"},
         ),
+        **get_convergence_outputs("highres", HIGHRES, {}),
     log:
         get_log("highres", "train"),
     benchmark:

@@ -14,6 +14,7 @@ rule train_pilot:
             category="1. Pilot training",
             labels={"pilot": "zdim {zdim}", "figure": "learning curve"},
         ),
+        **get_convergence_outputs("pilot", get_pilot_dir("{zdim}"), {"pilot": "zdim {zdim}"}),
     log:
         get_log("pilot", "z{zdim}"),
     benchmark:
