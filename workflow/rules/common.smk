@@ -95,13 +95,22 @@ def get_run_outputs(run_dir):
 
 def get_convergence_outputs(stage, run_dir, labels):
     """convergence.png of a training run with `epochs: auto` (drgn train --epochs auto writes it), as a
-    report item; nothing for a fixed number of epochs. Decided at parse time from the config."""
+    report item; nothing for a fixed number of epochs. Decided at parse time from the config.
+    """
     if config[stage]["train"]["epochs"] != "auto":
         return {}
-    return {"convergence": report(f"{run_dir}/convergence.png", caption="../report/convergence.rst",
-                                  category="3. High-resolution training" if stage == "highres"
-                                  else "1. Pilot training",
-                                  labels={**labels, "figure": "convergence (epochs: auto)"})}
+    return {
+        "convergence": report(
+            f"{run_dir}/convergence.png",
+            caption="../report/convergence.rst",
+            category=(
+                "3. High-resolution training"
+                if stage == "highres"
+                else "1. Pilot training"
+            ),
+            labels={**labels, "figure": "convergence (epochs: auto)"},
+        )
+    }
 
 
 def get_pilot_models(wildcards=None):
@@ -210,8 +219,11 @@ def get_train_flags(stage):
 
     def flags(wildcards):
         zdim = wildcards.zdim if stage == "pilot" else section["zdim"]
-        epochs = (f"--epochs auto --max-epochs {t['max_epochs']}" if t["epochs"] == "auto"
-                  else f"--epochs {t['epochs']}")
+        epochs = (
+            f"--epochs auto --max-epochs {t['max_epochs']}"
+            if t["epochs"] == "auto"
+            else f"--epochs {t['epochs']}"
+        )
         return (
             f"--zdim {zdim} {epochs} --enc-dim {t['enc_dim']} "
             f"--enc-layers {t['enc_layers']} --dec-dim {t['dec_dim']} --dec-layers {t['dec_layers']} "

@@ -12,13 +12,13 @@ rule train_highres:
         kept=f"{FILTER}/kept.npy",
     output:
         **get_run_outputs(HIGHRES),
+        **get_convergence_outputs("highres", HIGHRES, {}),
         curve=report(
             f"{HIGHRES}/learning_curve.png",
             caption="../report/highres_curve.rst",
             category="3. High-resolution training",
             labels={"figure": "learning curve"},
         ),
-        **get_convergence_outputs("highres", HIGHRES, {}),
     log:
         get_log("highres", "train"),
     benchmark:

@@ -8,13 +8,15 @@ rule train_pilot:
         stack=get_stack(PILOT_D),
     output:
         **get_run_outputs(get_pilot_dir("{zdim}")),
+        **get_convergence_outputs(
+            "pilot", get_pilot_dir("{zdim}"), {"pilot": "zdim {zdim}"}
+        ),
         curve=report(
             f"{get_pilot_dir('{zdim}')}/learning_curve.png",
             caption="../report/pilot_curve.rst",
             category="1. Pilot training",
             labels={"pilot": "zdim {zdim}", "figure": "learning curve"},
         ),
-        **get_convergence_outputs("pilot", get_pilot_dir("{zdim}"), {"pilot": "zdim {zdim}"}),
     log:
         get_log("pilot", "z{zdim}"),
     benchmark:
