@@ -207,3 +207,13 @@ def test_epochs_auto_stops_early_within_0_01_of_a_long_run(tmp_path):
                     "reason": "trained the 22 epochs asked (--epochs)"}
     rho_long = abs(spearmanr(np.load(run / "z.npy")[:, 0], ds.gt_coord).statistic)
     assert rho_auto >= rho_long - 0.01, (stopped["epoch"], rho_auto, rho_long)
+
+
+def test_summary_says_why_each_run_stopped(tiny_run):
+    from drgn_core.summary import read_training_run, to_html
+
+    _, run = tiny_run
+    row = read_training_run(run, "pilot/z1")
+    assert row["stopped"] == "trained the 3 epochs asked (--epochs)"
+    page = to_html({"training": [row]})
+    assert "<th>stopped</th>" in page and "trained the 3 epochs asked (--epochs)" in page
