@@ -278,14 +278,15 @@ def convergence(run: str | os.PathLike, outdir: str | os.PathLike, points: int =
                        "min_epochs": AUTO_MIN_EPOCHS},
               "auto_would_stop_after": stop_at}
     outdir.mkdir(parents=True, exist_ok=True)
-    plot_convergence(pairs, outdir / "convergence.png")
+    plot_convergence(pairs, outdir / "convergence.png", stop_at)
     with atomic_path(outdir / "convergence.json") as tmp:
         tmp.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
-def plot_convergence(pairs: list[dict], path: Path) -> None:
-    """Three panels, one per measure against the later epoch of each pair, with the auto rule's limits."""
+def plot_convergence(pairs: list[dict], path: Path, stop: int | None = None) -> None:
+    """Three panels, one per measure against the later epoch of each pair, with the auto rule's limits
+    and (dashed) the epoch after which the rule stops, when it does."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -306,11 +307,14 @@ def plot_convergence(pairs: list[dict], path: Path) -> None:
             ax.legend(["mean over the points", "worst point"], fontsize=7)
         if limit is not None:
             ax.axhline(limit, ls=":", color="grey")
+        if stop is not None:
+            ax.axvline(stop, ls="--", color="tab:red", lw=1)
         ax.set_xlabel("epoch (vs the one before)")
         ax.set_title(label, fontsize=9)
         if log and all(v > 0 for v in vals if np.isfinite(v)):
             ax.set_yscale("log")
-    fig.suptitle("change between consecutive epochs (dotted: the --epochs auto limit)", fontsize=9)
+    fig.suptitle("change between consecutive epochs (dotted: the --epochs auto limits; dashed: its stop)",
+                 fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

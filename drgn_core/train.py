@@ -564,7 +564,7 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
     run_config["stopped"] = stop_record(tcfg, state)
     write_config(run / "config.yaml", run_config)
     if auto is not None:
-        auto.plot(state.log)
+        auto.plot(state.log, state.epoch if state.stopped else None)
     with atomic_path(run / "model.pt") as tmp:
         # the precision travels with the model so that `drgn encode` reproduces z.npy
         torch.save(model_payload(model, mcfg, epochs=state.epoch, precision="bf16" if amp else "fp32"), tmp)
@@ -635,7 +635,7 @@ class AutoStop:
                  for r in rows if not math.isnan(r.get("latent_change", math.nan))]
         return settled(pairs, int(row["epoch"]))
 
-    def plot(self, log_rows: list[dict]) -> None:
+    def plot(self, log_rows: list[dict], stop: int | None) -> None:
         """RUN/convergence.png: the measures that decided when to stop."""
         from drgn_core.convergence import plot_convergence
 
@@ -643,7 +643,7 @@ class AutoStop:
                                                                  "map_agreement")}}
                  for r in log_rows if not math.isnan(r.get("latent_change", math.nan))]
         if pairs:
-            plot_convergence(pairs, self.run / "convergence.png")
+            plot_convergence(pairs, self.run / "convergence.png", stop)
 
 
 def overfitting_note(rows: list[dict], patience: int = 3, tolerance: float = 1e-3) -> str | None:
