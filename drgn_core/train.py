@@ -525,7 +525,7 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
             mu, _ = encode_latents(model, data, amp, progress=progress, dist=dist)
             if main:
                 save_snapshot(run, model, mcfg, row["epoch"], mu, amp)
-                row.update(auto.compare(row["epoch"], mu, state.log))
+                row.update(auto.compare(row["epoch"], mu))
             state.stopped = dist.broadcast(auto.decide(row, state.log) if main else None)
         state.log.append({k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()})  # plain types
         if state.stopped and main:
@@ -608,7 +608,7 @@ class AutoStop:
         save_npy(f, rows)
         return rows
 
-    def compare(self, epoch: int, z: np.ndarray, history: list[dict]) -> dict:
+    def compare(self, epoch: int, z: np.ndarray) -> dict:
         """The measures between epoch-1 and `epoch` (NaN at the first epoch)."""
         from drgn_core.convergence import Snapshot, epoch_pair
 
