@@ -126,6 +126,11 @@ def _describe(error) -> str:
         return f"key '{key}': {_show(found)} may contain only letters, digits, '_', '.' and '-'"
     if kind == "minLength":
         return f"key '{key}': must not be empty"
+    if kind == "anyOf" and any("const" in alt for alt in expected):  # e.g. epochs: a number or 'auto'
+        words = [f"'{alt['const']}'" if "const" in alt else
+                 _TYPE_WORDS.get(alt.get("type"), str(alt.get("type"))) +
+                 (f" >= {alt['minimum']}" if "minimum" in alt else "") for alt in expected]
+        return f"key '{key}': expected {' or '.join(words)}, found {_show(found)}"
     return f"key '{key}': {error.message}"
 
 

@@ -217,3 +217,13 @@ def test_summary_says_why_each_run_stopped(tiny_run):
     assert row["stopped"] == "trained the 3 epochs asked (--epochs)"
     page = to_html({"training": [row]})
     assert "<th>stopped</th>" in page and "trained the 3 epochs asked (--epochs)" in page
+
+
+@pytest.mark.parametrize("value, ok", [("auto", True), (12, True), ("often", False), (0, False)])
+def test_workflow_config_takes_epochs_auto(tmp_path, capsys, value, ok):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"highres": {"train": {"epochs": value, "max_epochs": 30}}}))
+    assert main(["check-config", str(cfg)]) == (0 if ok else 2)
+    if not ok:
+        err = capsys.readouterr().err
+        assert f"key 'highres.train.epochs': expected an integer >= 1 or 'auto', found {value!r}" in err
