@@ -117,7 +117,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--checkpoint-minutes", type=float,
                    help="also checkpoint within an epoch after this many minutes; 0 = never (default 30)")
     c.add_argument("--encode-every", type=int,
-                   help="also save checkpoints/z.EEE.npy every N epochs (default 0: only at the end)")
+                   help="also save checkpoints/z.EEE.npy and model.EEE.pt (that epoch's latents and "
+                        "weights, for drgn convergence) every N epochs (default 0: only at the end)")
     c.add_argument("--log-steps", action="store_true", default=None,
                    help="also write train_steps.csv: the global batch's loss, MSE and KL at every step")
 
