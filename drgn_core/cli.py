@@ -28,6 +28,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("import", "import_"),
     ("downsample", "downsample"),
     ("train", "train"),
+    ("abinit", "abinit"),
     ("encode", "encode"),
     ("volumes", "volumes"),
     ("analyze", "analyze"),
