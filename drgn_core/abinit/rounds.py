@@ -64,6 +64,13 @@ def reference(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix: fl
     return reconstruct(read, n, D, apix, poses, shifts, ctf, halves, split="abinit", progress=progress)
 
 
+def _minibatch(n: int, cfg: SearchConfig, seed: int, r: int) -> np.ndarray:
+    """Sorted random rows for soft round r (-1: the initial reference): all when cfg.minibatch is 0."""
+    if cfg.minibatch <= 0 or cfg.minibatch >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, 0x5EED, r + 1]).choice(n, cfg.minibatch, replace=False))
+
+
 def soft_reference(num1: np.ndarray, den1: np.ndarray, num2: np.ndarray, den2: np.ndarray, apix: float
                    ) -> tuple[np.ndarray, float]:
     """Full map (D³ float32) from two half sets' sums, Wiener-filtered by their FSC, as
@@ -96,14 +103,19 @@ def search_rounds(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix
     """
     halves = split_halves(np.arange(n), None, seed)
     done = last_round(run, cfg.iterations)
+    sums: list[np.ndarray] | None = None  # decayed soft sums (num₁, den₁, num₂, den₂) of recent minibatches
     if done == 0:
         rng = np.random.default_rng([seed, 0xAB1])
-        init = reference(read, n, D, apix, random_poses(n, rng), np.zeros((n, 2)), ctf, halves, progress)
+        pick = _minibatch(n, cfg, seed, -1)
+        init = reference(lambda p: read(pick[p]), len(pick), D, apix, random_poses(len(pick), rng),
+                         np.zeros((len(pick), 2)), ctf[pick], halves[pick], progress)
         vol = init.map
         result: dict[str, np.ndarray] = {}
     else:
         result = load_round(round_path(run, done - 1))
         vol = result["reference"]
+        if "sums" in result:
+            sums = [x if i % 2 == 0 else x.real.copy() for i, x in enumerate(result["sums"])]
         log(f"resuming the pose search after round {done}/{cfg.iterations}")
     for r in range(done, cfg.iterations):
         L = cfg.radius(r)
@@ -111,12 +123,13 @@ def search_rounds(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix
         search = PoseSearch(vol, cfg, L, apix, device)
         acc = SoftAccumulator(search.S.shape[0], search.lat.P, device) if soft else None
         keys = ROUND_KEYS[:4] if soft else ROUND_KEYS
+        sel = _minibatch(n, cfg, seed, r) if soft else np.arange(n)
         out: dict[str, list] = {k: [] for k in keys}
-        bar = tqdm(total=n, desc=f"search {r + 1}/{cfg.iterations} (L {L}{', soft' if soft else ''})",
+        bar = tqdm(total=len(sel), desc=f"search {r + 1}/{cfg.iterations} (L {L}{', soft' if soft else ''})",
                    unit="img", file=sys.stderr, disable=not progress, mininterval=1.0)
         b_id = 0
-        for a in range(0, n, chunk):
-            pos = np.arange(a, min(n, a + chunk))
+        for a in range(0, len(sel), chunk):
+            pos = sel[a:a + chunk]
             images = read(pos)
             for b in range(0, len(pos), cfg.batch):
                 p = pos[b:b + cfg.batch]
@@ -131,8 +144,12 @@ def search_rounds(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix
                 bar.update(len(p))
         bar.close()
         result = {k: np.concatenate(v) for k, v in out.items()}
+        result["rows"] = sel
         if soft:
-            vol, res_A = soft_reference(*insert_slices(acc, search.grid, search.lat, D), apix)
+            new = insert_slices(acc, search.grid, search.lat, D)
+            sums = list(new) if sums is None else [cfg.decay * a + b for a, b in zip(sums, new)]
+            vol, res_A = soft_reference(*sums, apix)
+            result["sums"] = np.stack(sums)
             result["drawn_poses"], result["drawn_shifts"] = result["poses"], result["shifts"]
         else:
             rec = reference(read, n, D, apix, result["drawn_poses"], result["drawn_shifts"], ctf, halves,
@@ -140,8 +157,8 @@ def search_rounds(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix
             vol, res_A = rec.map, _resolution(rec)
         result["reference"] = vol
         save_round(round_path(run, r), result, L, res_A)
-        log(f"search round {r + 1}/{cfg.iterations} ({'soft' if soft else 'hard'}, L {L} px): next reference "
-            f"GSFSC(0.143) {res_A:.1f} Å, median confidence {np.median(result['confidence']):.1f}")
+        log(f"search round {r + 1}/{cfg.iterations} ({'soft' if soft else 'hard'}, L {L} px, {len(sel)} images): "
+            f"next reference GSFSC(0.143) {res_A:.1f} Å, median confidence {np.median(result['confidence']):.1f}")
     final = reference(read, n, D, apix, result["poses"], result["shifts"], ctf, halves, progress)
     return result, final
 

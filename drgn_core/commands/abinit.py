@@ -35,7 +35,7 @@ Example:
   drgn volumes runs/abinit -o runs/abinit/map --flip
 """
 
-SEARCH_KEYS = ("iterations", "soft_iterations", "L_min", "L_max", "base_rotations", "keep", "local_levels",
+SEARCH_KEYS = ("iterations", "soft_iterations", "minibatch", "decay", "L_min", "L_max", "base_rotations", "keep", "local_levels",
                "shift_extent", "shift_points", "batch")
 REFINE_KEYS = ("epochs", "pose_start", "batch_size", "lr", "pose_lr", "beta")
 MODEL_KEYS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_type", "pe_dim", "feat_sigma")
@@ -58,9 +58,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--pe-dim", type=int, help="encoding frequencies per axis (default D/2)")
     m.add_argument("--feat-sigma", type=float, help="σ of the Gaussian features (default 0.5)")
     s = p.add_argument_group("pose search")
-    s.add_argument("--iterations", type=int, help="search rounds (default 10)")
-    s.add_argument("--soft-iterations", type=int, help="of which soft (whole-grid posterior) first (default 5)")
-    s.add_argument("--L-min", dest="L_min", type=int, help="Fourier radius (px) of the first round (default 8)")
+    s.add_argument("--iterations", type=int, help="search rounds (default 20)")
+    s.add_argument("--soft-iterations", type=int,
+                   help="of which soft (whole-grid posterior) first (default 16)")
+    s.add_argument("--minibatch", type=int,
+                   help="random images per soft round, 0 = all (default 300; small batches explore)")
+    s.add_argument("--decay", type=float,
+                   help="weight of earlier soft rounds' sums in the next reference (default 0.5)")
+    s.add_argument("--L-min", dest="L_min", type=int, help="Fourier radius (px) of the first round (default 6)")
     s.add_argument("--L-max", dest="L_max", type=int,
                    help="Fourier radius (px) of the last round (default min(24, D/2-1))")
     s.add_argument("--base-rotations", type=int, help="points of the base SO(3) grid (default 4608, ~9°)")
@@ -94,7 +99,9 @@ def _validate(opts: dict) -> None:
               "L_min", "enc_dim", "dec_dim"):
         if k in opts and opts[k] < 1:
             raise DrgnError(f"--{k.replace('_', '-')} must be >= 1, got {opts[k]}")
-    for k in ("soft_iterations", "local_levels", "pose_start", "zdim", "L_max", "enc_layers", "dec_layers"):
+    if "decay" in opts and not 0 <= opts["decay"] < 1:
+        raise DrgnError(f"--decay must be in [0, 1), got {opts['decay']}")
+    for k in ("soft_iterations", "minibatch", "local_levels", "pose_start", "zdim", "L_max", "enc_layers", "dec_layers"):
         if k in opts and opts[k] < 0:
             raise DrgnError(f"--{k.replace('_', '-')} must be >= 0, got {opts[k]}")
     for k in ("lr", "pose_lr", "feat_sigma"):
@@ -112,9 +119,9 @@ def run(args: argparse.Namespace) -> int:
     refine_opts = _given(args, REFINE_KEYS)
     _validate({**model_opts, **search_opts, **refine_opts})
     refuse_overwrite_input([args.outdir], [args.table, args.stack, args.ind])
-    run_dir = abinit(args.table, args.stack, args.outdir, model_opts, search_opts, refine_opts, seed=args.seed,
-                     device=args.device, threads=args.threads, data_mode=args.data_mode, ind_path=args.ind,
-                     resume=args.resume)
+    run_dir = abinit(args.table, args.stack, args.outdir, model_opts, search_opts, refine_opts,
+                     seed=args.seed, device=args.device, threads=args.threads, data_mode=args.data_mode,
+                     ind_path=args.ind, resume=args.resume)
     print(f"ab initio run written to {run_dir}: poses in {run_dir}/poses.star, model in {run_dir}/model.pt "
           "(the map's hand is arbitrary)")
     return 0
