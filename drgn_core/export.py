@@ -357,8 +357,8 @@ def export_from_table(table: ParticleTable, idx: np.ndarray, outdir: str | os.Pa
     mirrored map projects onto the same image coordinates).
     """
     from drgn_core.io.cs import write_cs
-    from drgn_core.io.table import POSE_COLUMNS
     from drgn_core.io.star import write_relion_star
+    from drgn_core.io.table import POSE_COLUMNS
     from drgn_core.pose import matrix_to_euler
 
     sub = table.subset(idx)

@@ -143,7 +143,8 @@ def refine(model: HetVAE, data: ParticleData, rcfg: RefineConfig, seed: int, ck_
                "val_loss": math.nan, "val_mse": math.nan, "val_kl": math.nan, "images_per_s": n_img / secs,
                "seconds": secs, "peak_mem_MiB": peak_memory_mib(dev), "lr": rcfg.lr}
         rows.append({k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()})
-        log(f"refine epoch {epoch + 1}/{rcfg.epochs}{' (poses moving)' if move else ''}  loss {row['loss']:.5f}  "
+        moving = " (poses moving)" if move else ""
+        log(f"refine epoch {epoch + 1}/{rcfg.epochs}{moving}  loss {row['loss']:.5f}  "
             f"{row['images_per_s']:.1f} img/s")
         epoch += 1
         save_state(ck_path, model, emb, opt, popt, gen, epoch, rows)

@@ -157,8 +157,9 @@ def search_rounds(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix
             vol, res_A = rec.map, _resolution(rec)
         result["reference"] = vol
         save_round(round_path(run, r), result, L, res_A)
-        log(f"search round {r + 1}/{cfg.iterations} ({'soft' if soft else 'hard'}, L {L} px, {len(sel)} images): "
-            f"next reference GSFSC(0.143) {res_A:.1f} Å, median confidence {np.median(result['confidence']):.1f}")
+        kind = "soft" if soft else "hard"
+        log(f"search round {r + 1}/{cfg.iterations} ({kind}, L {L} px, {len(sel)} images): next reference "
+            f"GSFSC(0.143) {res_A:.1f} Å, median confidence {np.median(result['confidence']):.1f}")
     final = reference(read, n, D, apix, result["poses"], result["shifts"], ctf, halves, progress)
     return result, final
 

@@ -75,8 +75,11 @@ def log(msg: str) -> None:
 
 def with_poses(table: ParticleTable, rows: np.ndarray, A: np.ndarray, shifts_A: np.ndarray
                ) -> ParticleTable:
-    """A copy of the canonical table whose `rows` carry poses A (n, 3, 3) and shifts (n, 2) Å."""
+    """A copy of the canonical table whose `rows` carry poses A (n, 3, 3) and shifts (n, 2) Å.
+
+    Stack paths are made absolute, so the copy can live in the run directory."""
     particles = table.particles.copy()
+    particles["drgnStackPath"] = [str(p) for p in table.stack_paths()]
     particles.loc[rows, POSE_COLUMNS] = matrix_to_euler(A)
     particles.loc[rows, SHIFT_COLUMNS] = shifts_A
     return ParticleTable(particles, table.optics.copy(), table.path, dict(table.provenance))
@@ -106,7 +109,8 @@ def abinit(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir:
            ind_path: str | os.PathLike | None = None, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) ab initio reconstruction into `outdir`; returns its path."""
     run = Path(outdir)
-    model_opts, search_opts, refine_opts = dict(model_opts or {}), dict(search_opts or {}), dict(refine_opts or {})
+    model_opts, search_opts = dict(model_opts or {}), dict(search_opts or {})
+    refine_opts = dict(refine_opts or {})
     table = read_table(table_path)
     source = open_particles(stack_path, table)
     rows = load_rows(ind_path, len(table))
@@ -153,7 +157,8 @@ def abinit(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir:
         scale = estimate_norm_scale(source, rows, np.zeros((n, 2)), lattice, seed)
         mcfg = ModelConfig(D=D, norm_scale=scale, apix=apix, **opts)
         run.mkdir(parents=True, exist_ok=True)
-        run_config = _run_config(mcfg, scfg, rcfg, seed, table_path, stack_path, ind_path, run, n, D, apix, dev)
+        run_config = _run_config(mcfg, scfg, rcfg, seed, table_path, stack_path, ind_path, run, n, D, apix,
+                                 dev)
         write_config(run / "config.yaml", run_config)
     else:
         mcfg = ModelConfig.from_dict(mcfg0)
@@ -229,4 +234,4 @@ def _run_config(mcfg: ModelConfig, scfg: SearchConfig, rcfg: RefineConfig, seed:
     }
 
 
-__all__ = ["abinit", "with_poses", "HAND_NOTE", "asdict"]
+__all__ = ["HAND_NOTE", "abinit", "asdict", "with_poses"]

@@ -90,7 +90,7 @@ class SearchConfig:
         if self.iterations <= 1:
             return self.L_max
         f = iteration / (self.iterations - 1)
-        return int(round(self.L_min + f * (self.L_max - self.L_min)))
+        return round(self.L_min + f * (self.L_max - self.L_min))
 
 
 @dataclass
@@ -295,7 +295,8 @@ def soft_batch(search: PoseSearch, acc: SoftAccumulator, images: np.ndarray, ctf
     near = (q_best @ search.grid_quat.T).abs() > math.cos(math.radians(search.cfg.confidence_angle) / 2)
     per_rot = E.min(dim=1).values
     second = torch.where(near, torch.full_like(per_rot, float("inf")), per_rot).min(dim=1).values
-    return {"poses": search.grid[ri].double().cpu().numpy(), "shifts": search.t_grid[ti].double().cpu().numpy(),
+    return {"poses": search.grid[ri].double().cpu().numpy(),
+            "shifts": search.t_grid[ti].double().cpu().numpy(),
             "error": (best + Y2).double().cpu().numpy(),
             "confidence": ((second - best) / sigma2).double().cpu().numpy()}
 

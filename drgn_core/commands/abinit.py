@@ -35,8 +35,8 @@ Example:
   drgn volumes runs/abinit -o runs/abinit/map --flip
 """
 
-SEARCH_KEYS = ("iterations", "soft_iterations", "minibatch", "decay", "L_min", "L_max", "base_rotations", "keep", "local_levels",
-               "shift_extent", "shift_points", "batch")
+SEARCH_KEYS = ("iterations", "soft_iterations", "minibatch", "decay", "L_min", "L_max", "base_rotations",
+               "keep", "local_levels", "shift_extent", "shift_points", "batch")
 REFINE_KEYS = ("epochs", "pose_start", "batch_size", "lr", "pose_lr", "beta")
 MODEL_KEYS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_type", "pe_dim", "feat_sigma")
 
@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="random images per soft round, 0 = all (default 300; small batches explore)")
     s.add_argument("--decay", type=float,
                    help="weight of earlier soft rounds' sums in the next reference (default 0.5)")
-    s.add_argument("--L-min", dest="L_min", type=int, help="Fourier radius (px) of the first round (default 6)")
+    s.add_argument("--L-min", dest="L_min", type=int,
+                   help="Fourier radius (px) of the first round (default 6)")
     s.add_argument("--L-max", dest="L_max", type=int,
                    help="Fourier radius (px) of the last round (default min(24, D/2-1))")
     s.add_argument("--base-rotations", type=int, help="points of the base SO(3) grid (default 4608, ~9°)")
@@ -101,7 +102,8 @@ def _validate(opts: dict) -> None:
             raise DrgnError(f"--{k.replace('_', '-')} must be >= 1, got {opts[k]}")
     if "decay" in opts and not 0 <= opts["decay"] < 1:
         raise DrgnError(f"--decay must be in [0, 1), got {opts['decay']}")
-    for k in ("soft_iterations", "minibatch", "local_levels", "pose_start", "zdim", "L_max", "enc_layers", "dec_layers"):
+    for k in ("soft_iterations", "minibatch", "local_levels", "pose_start", "zdim", "L_max", "enc_layers",
+              "dec_layers"):
         if k in opts and opts[k] < 0:
             raise DrgnError(f"--{k.replace('_', '-')} must be >= 0, got {opts[k]}")
     for k in ("lr", "pose_lr", "feat_sigma"):

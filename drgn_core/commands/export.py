@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base name of the .star/.cs/.csg (default: the index file's name, e.g. kept)")
     parser.add_argument("--volumes", metavar="DIR", help="folder of vol_*.mrc for the ChimeraX script")
     parser.add_argument("--from-table", action="store_true",
-                        help="write NAME.star and NAME.cs from the table's own poses instead of a row subset of "
-                             "the source file (automatic for the poses.star of a drgn abinit run)")
+                        help="write NAME.star and NAME.cs from the table's own poses instead of a row subset "
+                             "of the source file (automatic for the poses.star of a drgn abinit run)")
     parser.add_argument("--flip-hand", action="store_true",
                         help="mirror the poses (A -> M A M, M = diag(1,1,-1)): the poses of the mirror-image "
                              "map, for an ab initio run whose hand is wrong (implies --from-table)")
