@@ -30,13 +30,11 @@ import json
 import os
 import platform
 import sys
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from drgn_core import __version__
 from drgn_core.abinit.refine import RefineConfig, refine
@@ -54,6 +52,7 @@ from drgn_core.train import (
     MODEL_OPTIONS,
     encode_latents,
     load_rows,
+    log,
     plot_learning_curve,
     read_run_config,
     save_npy,
@@ -67,10 +66,6 @@ HAND_NOTE = ("the hand of a map found ab initio is arbitrary: its mirror image e
              "α-helix handedness) and flip with drgn volumes --flip / drgn export --flip-hand")
 # options a resumed run may change: bookkeeping and resources only
 RESUMABLE = {"device", "threads", "data_mode"}
-
-
-def log(msg: str) -> None:
-    tqdm.write(msg, file=sys.stderr)
 
 
 def with_poses(table: ParticleTable, rows: np.ndarray, A: np.ndarray, shifts_A: np.ndarray
@@ -157,7 +152,7 @@ def abinit(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir:
         scale = estimate_norm_scale(source, rows, np.zeros((n, 2)), lattice, seed)
         mcfg = ModelConfig(D=D, norm_scale=scale, apix=apix, **opts)
         run.mkdir(parents=True, exist_ok=True)
-        run_config = _run_config(mcfg, scfg, rcfg, seed, table_path, stack_path, ind_path, run, n, D, apix,
+        run_config = _abinit_config(mcfg, scfg, rcfg, seed, table_path, stack_path, ind_path, run, n, D, apix,
                                  dev)
         write_config(run / "config.yaml", run_config)
     else:
@@ -210,8 +205,8 @@ def _gsfsc(rec) -> float:
     return float(crossing(rec.freq, rec.fsc_masked, 0.143, rec.apix))
 
 
-def _run_config(mcfg: ModelConfig, scfg: SearchConfig, rcfg: RefineConfig, seed: int, table_path, stack_path,
-                ind_path, run: Path, n: int, D: int, apix: float, dev: torch.device) -> dict:
+def _abinit_config(mcfg: ModelConfig, scfg: SearchConfig, rcfg: RefineConfig, seed: int, table_path,
+                   stack_path, ind_path, run: Path, n: int, D: int, apix: float, dev: torch.device) -> dict:
     """config.yaml: as drgn train's (model, training, inputs, versions) plus the ab initio settings.
 
     inputs.table is the run's own poses.star (the found poses), which later stages read; the user's
@@ -234,4 +229,3 @@ def _run_config(mcfg: ModelConfig, scfg: SearchConfig, rcfg: RefineConfig, seed:
     }
 
 
-__all__ = ["HAND_NOTE", "abinit", "asdict", "with_poses"]
