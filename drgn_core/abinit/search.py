@@ -65,6 +65,7 @@ class SearchConfig:
     shift_points: int = 7        # shift grid points per axis (cryoDRGN: 7 × 7)
     batch: int = 64              # images scored together
     confidence_angle: float = 20.0  # the second-best pose is the best one at least this far (degrees)
+    scale: bool = True           # fit an amplitude per image and pose (scores are then correlations)
 
     @classmethod
     def from_dict(cls, d: dict) -> SearchConfig:
@@ -173,6 +174,10 @@ class PoseSearch:
             norm = (w * c * c) @ S2.T                                        # (B, r)
         else:
             norm = torch.einsum("bp,brp->br", w * c * c, S2)
+        if self.cfg.scale:
+            # the best per-image amplitude a = cross/norm (≥ 0): E = Σw|Y|² - cross²/norm, a normalised
+            # correlation that an early reference of the wrong amplitude cannot bias towards weak slices
+            return -(cross.clamp_min(0) ** 2) / norm.clamp_min(1e-30)[:, None, :]
         return norm[:, None, :] - 2.0 * cross
 
     def global_search(self, Y: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
