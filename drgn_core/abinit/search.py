@@ -52,13 +52,13 @@ from drgn_core.projection import VolumeFT, prepare_volume_ft, sample_slices
 class SearchConfig:
     """Settings of the pose search (recorded in config.yaml under abinit.search)."""
 
-    iterations: int = 20         # search + reconstruction rounds
-    soft_iterations: int = 16    # of which the first ones are soft (posterior over the whole grid)
-    minibatch: int = 300         # soft rounds use this many random images (0: all), cryoSPARC-like SGD
+    iterations: int = 18         # search + reconstruction rounds
+    soft_iterations: int = 15    # of which the first ones are soft (posterior over the whole grid)
+    minibatch: int = 200         # soft rounds use this many random images (0: all), cryoSPARC-like SGD
     decay: float = 0.5           # soft rounds: weight of the previous rounds' sums in the next reference
-    L_min: int = 6               # Fourier radius (px of the stack's box) of the first round ...
+    L_min: int = 10              # Fourier radius (px of the stack's box) of the first round ...
     L_max: int = 0               # ... and of the last; 0 → min(24, D/2 - 1)
-    base_rotations: int = 4608   # points of the base SO(3) grid (cryoDRGN: HEALPix 2 × 24 in-plane = 4608)
+    base_rotations: int = 2048   # base SO(3) grid, ~12° (cryoDRGN: 4608); hard rounds refine locally
     keep: int = 8                # candidate poses kept per image after the global search (cryoDRGN: 8)
     local_levels: int = 3        # local refinement levels (rotation and shift steps halved at each)
     shift_extent: float = 0.0    # shift grid spans ±this many px; 0 → 0.1·D

@@ -58,18 +58,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--pe-dim", type=int, help="encoding frequencies per axis (default D/2)")
     m.add_argument("--feat-sigma", type=float, help="σ of the Gaussian features (default 0.5)")
     s = p.add_argument_group("pose search")
-    s.add_argument("--iterations", type=int, help="search rounds (default 20)")
+    s.add_argument("--iterations", type=int, help="search rounds (default 18)")
     s.add_argument("--soft-iterations", type=int,
-                   help="of which soft (whole-grid posterior) first (default 16)")
+                   help="of which soft (whole-grid posterior) first (default 15)")
     s.add_argument("--minibatch", type=int,
-                   help="random images per soft round, 0 = all (default 300; small batches explore)")
+                   help="random images per soft round, 0 = all (default 200; small batches explore)")
     s.add_argument("--decay", type=float,
                    help="weight of earlier soft rounds' sums in the next reference (default 0.5)")
     s.add_argument("--L-min", dest="L_min", type=int,
-                   help="Fourier radius (px) of the first round (default 6)")
+                   help="Fourier radius (px) of the first round (default 10)")
     s.add_argument("--L-max", dest="L_max", type=int,
                    help="Fourier radius (px) of the last round (default min(24, D/2-1))")
-    s.add_argument("--base-rotations", type=int, help="points of the base SO(3) grid (default 4608, ~9°)")
+    s.add_argument("--base-rotations", type=int, help="points of the base SO(3) grid (default 2048, ~12°)")
     s.add_argument("--keep", type=int, help="poses kept per image for local refinement (default 8)")
     s.add_argument("--local-levels", type=int, help="local refinement levels (default 3)")
     s.add_argument("--shift-extent", type=float, help="shift search ±px (default 0.1·D)")
