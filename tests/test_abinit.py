@@ -224,7 +224,7 @@ def test_search_from_scratch_converges(tmp_path):
 
     cfg = SearchConfig(iterations=18, soft_iterations=15, minibatch=160, L_min=10, L_max=14, keep=4,
                        base_rotations=2048).resolved(src.D)
-    res, final = search_rounds(lambda p: read_rows(src, p), len(table), src.D, src.apix, ctf, cfg, 0,
+    res, _ = search_rounds(lambda p: read_rows(src, p), len(table), src.D, src.apix, ctf, cfg, 0,
                                tmp_path / "run", torch.device("cpu"), progress=False, log=lambda m: None)
     e = pose_errors(table.poses(), table.shifts_px(src.apix), res["poses"], res["shifts"])
     assert e["median_rotation_error_deg"] <= 5.0, e["median_rotation_error_deg"]
