@@ -229,3 +229,15 @@ def test_search_from_scratch_converges(tmp_path):
     e = pose_errors(table.poses(), table.shifts_px(src.apix), res["poses"], res["shifts"])
     assert e["median_rotation_error_deg"] <= 5.0, e["median_rotation_error_deg"]
     assert e["median_shift_error_px"] <= 1.0, e["median_shift_error_px"]
+
+
+def test_heterogeneous_run_has_latents(sim32, tmp_path):
+    """--zdim > 0: the encoder is trained with the refined poses; z.npy holds one finite latent per row
+    and drgn volumes decodes at latent points (analyze/traverse read the same files)."""
+    run = tmp_path / "het"
+    drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o", str(run), *TINY,
+         "--zdim", "2", "--enc-dim", "32", "--enc-layers", "1")
+    z = np.load(run / "z.npy")
+    assert z.shape == (160, 2) and np.isfinite(z).all() and z.std(axis=0).min() > 0
+    drgn("volumes", str(run), "-o", str(tmp_path / "vols"), "--z=0,0")
+    assert (tmp_path / "vols" / "vol_000.mrc").exists()
