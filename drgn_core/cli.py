@@ -29,6 +29,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("downsample", "downsample"),
     ("train", "train"),
     ("convergence", "convergence"),
+    ("abinit", "abinit"),
     ("encode", "encode"),
     ("volumes", "volumes"),
     ("analyze", "analyze"),

@@ -254,8 +254,11 @@ def source_of(table: ParticleTable, source: str | os.PathLike | None) -> Path:
 def export_subset(table: ParticleTable, indices: np.ndarray, outdir: str | os.PathLike,
                   source: str | os.PathLike | None = None, name: str = "subset",
                   volumes_dir: str | os.PathLike | None = None, level_percentile: float = 99.0,
-                  extra_inputs: tuple = ()) -> dict:
+                  extra_inputs: tuple = (), from_table: bool = False, flip_hand: bool = False) -> dict:
     """Export rows `indices` (0-based canonical rows) of `table` to `outdir`; returns a summary dict.
+
+    `from_table` (or `flip_hand`) writes the files from the table itself (`export_from_table`) instead of
+    as a row subset of the user's original file: how poses found by `drgn abinit` reach RELION/cryoSPARC.
 
     Files: NAME.star (STAR source) or NAME.cs + NAME.csg (.cs source), uids.txt (when uids are known),
     indices.npy/.txt, and volumes.cxc when `volumes_dir` is given. `extra_inputs` are further paths that
@@ -269,6 +272,9 @@ def export_subset(table: ParticleTable, indices: np.ndarray, outdir: str | os.Pa
     if idx.min() < 0 or idx.max() >= len(table):
         raise InputError(f"index out of range: the table has {len(table)} rows, got "
                          f"{idx.min()} … {idx.max()}", table.path)
+    if from_table or flip_hand:
+        return export_from_table(table, idx, outdir, name, flip_hand, volumes_dir, level_percentile,
+                                 extra_inputs)
     src = source_of(table, source)
     src_rows_all = table.source_rows()
     order = np.argsort(src_rows_all[idx], kind="stable")
@@ -338,3 +344,46 @@ def export_subset(table: ParticleTable, indices: np.ndarray, outdir: str | os.Pa
             tmp.write_text(cxc)
     summary["files"] = {k: str(v) for k, v in outputs.items()}
     return summary
+
+
+def export_from_table(table: ParticleTable, idx: np.ndarray, outdir: str | os.PathLike, name: str,
+                      flip_hand: bool = False, volumes_dir: str | os.PathLike | None = None,
+                      level_percentile: float = 99.0, extra_inputs: tuple = ()) -> dict:
+    """Rows `idx` of the table written as NAME.star (RELION 3.1) and NAME.cs + NAME.csg (cryoSPARC),
+    with the table's own poses and shifts (e.g. those `drgn abinit` found), not the source file's.
+
+    `flip_hand` mirrors the poses, A → M·A·M with M = diag(1, 1, -1): the poses of the mirror-image map
+    (`drgn volumes --flip`), for an ab initio map whose hand turned out wrong. Shifts are unchanged (the
+    mirrored map projects onto the same image coordinates).
+    """
+    from drgn_core.io.cs import write_cs
+    from drgn_core.io.star import write_relion_star
+    from drgn_core.io.table import POSE_COLUMNS
+    from drgn_core.pose import matrix_to_euler
+
+    sub = table.subset(idx)
+    if flip_hand:
+        M = np.diag([1.0, 1.0, -1.0])
+        sub.particles[POSE_COLUMNS] = matrix_to_euler(M @ sub.poses() @ M)
+    outdir = Path(outdir)
+    outputs = {"star": outdir / f"{name}.star", "cs": outdir / f"{name}.cs", "csg": outdir / f"{name}.csg",
+               "indices": outdir / "indices.npy", "indices_txt": outdir / "indices.txt"}
+    if volumes_dir is not None:
+        outputs["chimerax"] = outdir / "volumes.cxc"
+    refuse_overwrite_input(list(outputs.values()), [p for p in [table.path, *extra_inputs] if p is not None])
+    cxc = chimerax_series_script(volumes_dir, outputs["chimerax"], level_percentile) if volumes_dir else None
+    outdir.mkdir(parents=True, exist_ok=True)
+    write_relion_star(sub, outputs["star"])
+    write_cs(sub, outputs["cs"])
+    slots = ["blob", "ctf", "alignments3D"]
+    group = csg_text(outputs["cs"].name, slots, len(idx), f"{name} ({len(idx)} particles)",
+                     f"drgnflow: {len(idx)} of {len(table)} particles, poses from {table.path}"
+                     + (", hand flipped" if flip_hand else ""))
+    with atomic_path(outputs["csg"]) as tmp:
+        tmp.write_text(group)
+    write_index_files(idx, outputs["indices"])
+    if cxc is not None:
+        with atomic_path(outputs["chimerax"]) as tmp:
+            tmp.write_text(cxc)
+    return {"n": int(idx.size), "n_table": len(table), "source": str(table.path), "source_format": "table",
+            "flip_hand": bool(flip_hand), "files": {k: str(v) for k, v in outputs.items()}}

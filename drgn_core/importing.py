@@ -29,8 +29,12 @@ def import_particles(path: str | os.PathLike, datadir: str | os.PathLike | None 
                      check_nan: bool = False, kv: float | None = None, cs: float | None = None,
                      amp_contrast: float | None = None, phase_shift: float | None = None,
                      poses: str | os.PathLike | None = None, ctf: str | os.PathLike | None = None,
-                     allow_pickle: bool = False) -> ParticleTable:
+                     allow_pickle: bool = False, no_poses: bool = False) -> ParticleTable:
     """Read a `.star`, `.cs` or `.txt` stack list into a validated canonical `ParticleTable`.
+
+    `no_poses`: the file has no usable poses (CTF only, e.g. EMPIAR-10076's Parameters.star, or a 2D
+    classification): poses are set to the identity and shifts to 0 (provenance `poses: none`), for
+    `drgn abinit`, which finds them.
 
     `poses`: a second file (`.cs`, RELION `.star`, cryoDRGN ``poses.pkl``) whose poses replace the
     table's; `ctf`: a cryoDRGN ``ctf.pkl`` whose CTF and optics replace the table's (see
@@ -60,7 +64,7 @@ def import_particles(path: str | os.PathLike, datadir: str | os.PathLike | None 
         raise InputError("; ".join(bad), path)
     problems: list[str] = []
     suffix = path.suffix.lower()
-    need_poses, need_ctf = poses is None, ctf is None
+    need_poses, need_ctf = poses is None and not no_poses, ctf is None
     if suffix == ".txt" and (need_poses or need_ctf):
         what = " and ".join(w for w, need in (("the poses with --poses", need_poses),
                                               ("the CTF with --ctf", need_ctf)) if need)
@@ -98,6 +102,10 @@ def import_particles(path: str | os.PathLike, datadir: str | os.PathLike | None 
             table = table_from_stacklist(path)
         if ctf_values is not None or pose_src is not None:
             _apply_second_files(table, path, ctf, ctf_values, pose_src, overrides, problems)
+        if no_poses:  # identity poses and zero shifts: placeholders that drgn abinit replaces
+            table.particles[POSE_COLUMNS] = 0.0
+            table.particles[SHIFT_COLUMNS] = 0.0
+            table.provenance["poses"] = "none"
         validate_table(table, problems, box=box)
     except (ValueError, KeyError, TypeError, IndexError, OverflowError, np.linalg.LinAlgError) as e:
         # A damaged file that slipped past every specific check (the fuzz tests search for these): still

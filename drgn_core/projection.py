@@ -236,6 +236,15 @@ def _sample_torch(vft: VolumeFT, A: torch.Tensor, lattice: np.ndarray) -> torch.
     return torch.complex(vals[0], imag)
 
 
+def sample_slices(vol_ft: VolumeFT, A: torch.Tensor, coords2d: torch.Tensor) -> torch.Tensor:
+    """Samples (n, M) complex of a torch `prepare_volume_ft` transform at Aₙᵀ·(kx, ky, 0) for each row of
+    `coords2d` (M, 2) in cycles/px of the volume's box: central slices on any 2D point set (e.g. the
+    low-frequency half lattice a pose search scores), trilinear, zero outside the grid."""
+    lattice = np.zeros((coords2d.shape[0], 3))
+    lattice[:, :2] = coords2d.detach().cpu().numpy()
+    return _sample_torch(vol_ft, A, lattice)
+
+
 def project_volume_ft(vol_ft: VolumeFT | Array, A: Array, D_out: int | None = None) -> Array:
     """Central slices (n, D_out, D_out) complex: the centred 2D transforms of the projections at poses A.
 

@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None,
                         help="base name of the .star/.cs/.csg (default: the index file's name, e.g. kept)")
     parser.add_argument("--volumes", metavar="DIR", help="folder of vol_*.mrc for the ChimeraX script")
+    parser.add_argument("--from-table", action="store_true",
+                        help="write NAME.star and NAME.cs from the table's own poses instead of a row subset "
+                             "of the source file (automatic for the poses.star of a drgn abinit run)")
+    parser.add_argument("--flip-hand", action="store_true",
+                        help="mirror the poses (A -> M A M, M = diag(1,1,-1)): the poses of the mirror-image "
+                             "map, for an ab initio run whose hand is wrong (implies --from-table)")
     parser.add_argument("--level-percentile", type=float, default=99.0, metavar="P",
                         help="ChimeraX surface level: this percentile of the first volume (default 99)")
 
@@ -63,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     refuse_overwrite_input([summary_path], [args.table, args.ind, args.source])
     summary = export_subset(table, indices, args.outdir, source=args.source, name=name,
                             volumes_dir=args.volumes, level_percentile=args.level_percentile,
-                            extra_inputs=(args.ind,))
+                            extra_inputs=(args.ind,),
+                            from_table=args.from_table or "abinit_run" in table.provenance,
+                            flip_hand=args.flip_hand)
     summary.update({"table": str(args.table), "ind": str(args.ind), "name": name})
     with atomic_path(summary_path) as tmp:
         tmp.write_text(json.dumps(summary, indent=1) + "\n")

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poses", metavar="POSES_FILE", help="take the consensus poses from this file "
                         "instead: a cryoSPARC .cs, a RELION .star or a cryoDRGN poses.pkl (rows matched by "
                         "uid when both files have cryoSPARC uids, else by order)")
+    parser.add_argument("--no-poses", action="store_true",
+                        help="the file has no poses (CTF only, or 2D alignments only): import with identity "
+                             "placeholders for drgn abinit, which finds the poses")
     parser.add_argument("--ctf", metavar="CTF_PKL", help="take the CTF parameters and optics from a cryoDRGN "
                         "ctf.pkl instead (rows matched by order)")
     parser.add_argument("--allow-pickle", action="store_true", help="read cryoDRGN .pkl files (--poses, "
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     table = import_particles(args.input, datadir=args.datadir, apix=args.apix, box=args.box,
                              invert=args.invert, check_nan=args.check_nan, kv=args.kv, cs=args.cs,
                              amp_contrast=args.amp_contrast, phase_shift=args.phase_shift,
-                             poses=args.poses, ctf=args.ctf, allow_pickle=args.allow_pickle)
+                             poses=args.poses, ctf=args.ctf, allow_pickle=args.allow_pickle,
+                             no_poses=args.no_poses)
     write_table(table, args.output)
     print(summary(table, args.input) + f" Wrote {args.output}.")
     return 0

@@ -37,7 +37,8 @@ OPTICS_CTF_COLUMNS = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContr
 LEGACY_PARTICLE_COLUMNS = {"rlnOriginX", "rlnOriginY", "rlnDetectorPixelSize", "rlnMagnification",
                            "rlnImagePixelSize", *OPTICS_CTF_COLUMNS}
 NO_POSES_HINT = ("drgnflow needs consensus poses: import the particles of a 3D refinement "
-                 "(e.g. Refine3D/jobNNN/run_data.star)")
+                 "(e.g. Refine3D/jobNNN/run_data.star), or import these with --no-poses and find the poses "
+                 "with drgn abinit (workflow: input.poses: abinit)")
 NO_CTF_HINT = "drgnflow needs CTF parameters: import particles that went through CTF estimation"
 
 

@@ -1,0 +1,129 @@
+"""`drgn abinit`: ab initio reconstruction — poses searched from scratch, then the cryoDRGN model."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "ab initio: search poses from scratch, then train the model with them (no consensus poses needed)"
+DESCRIPTION = """\
+Reconstruct without consensus poses (e.g. an EMPIAR entry that deposits particles and CTF only). Two
+phases, both resumable:
+
+1. pose search: rounds of search and reconstruction at a growing Fourier radius L (--L-min → --L-max px).
+   The first --soft-iterations rounds weigh every rotation of a near-uniform SO(3) grid (--base-rotations)
+   and every shift of a --shift-points² grid (±--shift-extent px) by its posterior probability; the later
+   rounds keep the --keep best poses per image and refine them locally (--local-levels, steps halved).
+2. refinement: the cryoDRGN model (homogeneous decoder with --zdim 0, encoder + decoder otherwise) is
+   trained for --epochs with per-particle pose corrections learned by gradient descent (from epoch
+   --pose-start).
+
+The output is a drgn train run directory (drgn volumes / analyze / traverse / explore read it as is), plus
+poses.star (the canonical table with the found poses, which config.yaml names as the run's table, so
+drgn export writes them into STAR and .cs files), confidence.npy/.png (per particle: the Δχ² gap between
+the best pose and the best one > 20° away; low values are unreliable particles), search/ (the search's
+back-projection and FSC) and abinit.json.
+
+The hand of the map is arbitrary (its mirror image fits the data equally well): check it, and flip it
+with `drgn volumes --flip` and `drgn export --flip-hand`.
+
+A killed run continues with --resume (checkpoints after every search round and refinement epoch); on the
+CPU it ends with the result of an uninterrupted run.
+
+Example:
+  drgn abinit table.star particles.64.mrcs -o runs/abinit --zdim 0
+  drgn abinit table.star particles.64.mrcs -o runs/abinit_het --zdim 8 --epochs 30
+  drgn volumes runs/abinit -o runs/abinit/map --flip
+"""
+
+SEARCH_KEYS = ("iterations", "soft_iterations", "minibatch", "decay", "L_min", "L_max", "base_rotations",
+               "keep", "local_levels", "shift_extent", "shift_points", "batch")
+REFINE_KEYS = ("epochs", "pose_start", "batch_size", "lr", "pose_lr", "beta")
+MODEL_KEYS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_type", "pe_dim", "feat_sigma")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("table", help="canonical particle table (drgn import / drgn simulate); poses not needed")
+    p.add_argument("stack", help="particle stack whose row i is table row i (drgn downsample)")
+    p.add_argument("-o", "--outdir", required=True, help="run directory to write")
+    p.add_argument("--ind", help="index file of table rows to use (default: all)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --outdir from its checkpoints")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    m = p.add_argument_group("model (as drgn train)")
+    m.add_argument("--zdim", type=int, help="latent dimension; 0 = homogeneous (default 0)")
+    m.add_argument("--enc-dim", type=int, help="encoder width (default 256)")
+    m.add_argument("--enc-layers", type=int, help="encoder hidden layers (default 3)")
+    m.add_argument("--dec-dim", type=int, help="decoder width (default 256)")
+    m.add_argument("--dec-layers", type=int, help="decoder hidden layers (default 3)")
+    m.add_argument("--pe-type", choices=["gaussian", "geom"], help="positional encoding (default gaussian)")
+    m.add_argument("--pe-dim", type=int, help="encoding frequencies per axis (default D/2)")
+    m.add_argument("--feat-sigma", type=float, help="σ of the Gaussian features (default 0.5)")
+    s = p.add_argument_group("pose search")
+    s.add_argument("--iterations", type=int, help="search rounds (default 18)")
+    s.add_argument("--soft-iterations", type=int,
+                   help="of which soft (whole-grid posterior) first (default 15)")
+    s.add_argument("--minibatch", type=int,
+                   help="random images per soft round, 0 = all (default 200; small batches explore)")
+    s.add_argument("--decay", type=float,
+                   help="weight of earlier soft rounds' sums in the next reference (default 0.5)")
+    s.add_argument("--L-min", dest="L_min", type=int,
+                   help="Fourier radius (px) of the first round (default 10)")
+    s.add_argument("--L-max", dest="L_max", type=int,
+                   help="Fourier radius (px) of the last round (default min(24, D/2-1))")
+    s.add_argument("--base-rotations", type=int, help="points of the base SO(3) grid (default 2048, ~12°)")
+    s.add_argument("--keep", type=int, help="poses kept per image for local refinement (default 8)")
+    s.add_argument("--local-levels", type=int, help="local refinement levels (default 3)")
+    s.add_argument("--shift-extent", type=float, help="shift search ±px (default 0.1·D)")
+    s.add_argument("--shift-points", type=int, help="shift grid points per axis (default 7)")
+    s.add_argument("--batch", type=int, help="images scored together (default 64)")
+    r = p.add_argument_group("refinement (gradient descent)")
+    r.add_argument("--epochs", type=int, help="refinement epochs (default 20)")
+    r.add_argument("--pose-start", type=int, help="epoch from which poses move too (default 5)")
+    r.add_argument("--batch-size", type=int, help="images per step (default 8)")
+    r.add_argument("--lr", type=float, help="model learning rate (default 1e-4)")
+    r.add_argument("--pose-lr", type=float, help="pose correction learning rate (default 1e-3)")
+    r.add_argument("--beta", type=float, help="KL weight (default 1/zdim)")
+    x = p.add_argument_group("resources")
+    x.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    x.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    x.add_argument("--data-mode", choices=["auto", "memory", "stream"], default="auto",
+                   help="refinement: prepared images in memory or streamed (default auto)")
+
+
+def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def _validate(opts: dict) -> None:
+    from drgn_core.errors import DrgnError
+
+    for k in ("iterations", "base_rotations", "keep", "shift_points", "batch", "epochs", "batch_size",
+              "L_min", "enc_dim", "dec_dim"):
+        if k in opts and opts[k] < 1:
+            raise DrgnError(f"--{k.replace('_', '-')} must be >= 1, got {opts[k]}")
+    if "decay" in opts and not 0 <= opts["decay"] < 1:
+        raise DrgnError(f"--decay must be in [0, 1), got {opts['decay']}")
+    for k in ("soft_iterations", "minibatch", "local_levels", "pose_start", "zdim", "L_max", "enc_layers",
+              "dec_layers"):
+        if k in opts and opts[k] < 0:
+            raise DrgnError(f"--{k.replace('_', '-')} must be >= 0, got {opts[k]}")
+    for k in ("lr", "pose_lr", "feat_sigma"):
+        if k in opts and not opts[k] > 0:
+            raise DrgnError(f"--{k.replace('_', '-')} must be > 0, got {opts[k]}")
+    if "shift_extent" in opts and opts["shift_extent"] < 0:
+        raise DrgnError(f"--shift-extent must be >= 0, got {opts['shift_extent']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from drgn_core.abinit.run import abinit
+    from drgn_core.io.atomic import refuse_overwrite_input
+
+    model_opts, search_opts = _given(args, MODEL_KEYS), _given(args, SEARCH_KEYS)
+    refine_opts = _given(args, REFINE_KEYS)
+    _validate({**model_opts, **search_opts, **refine_opts})
+    refuse_overwrite_input([args.outdir], [args.table, args.stack, args.ind])
+    run_dir = abinit(args.table, args.stack, args.outdir, model_opts, search_opts, refine_opts,
+                     seed=args.seed, device=args.device, threads=args.threads, data_mode=args.data_mode,
+                     ind_path=args.ind, resume=args.resume)
+    print(f"ab initio run written to {run_dir}: poses in {run_dir}/poses.star, model in {run_dir}/model.pt "
+          "(the map's hand is arbitrary)")
+    return 0

@@ -1,0 +1,243 @@
+"""drgn abinit: rotation grids, the pose search against a known map, soft reconstruction, pose comparison,
+the run directory it writes (read by drgn volumes / export), resume after a kill, export round trips."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from drgn_core.abinit.compare import MIRROR, pose_errors
+from drgn_core.abinit.grid import base_grid, grid_spacing, rotation_angle, so3_exp
+from drgn_core.abinit.search import PoseSearch, SearchConfig, SoftAccumulator, insert_slices, soft_batch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = ["--iterations", "2", "--soft-iterations", "1", "--minibatch", "100", "--base-rotations", "576",
+        "--keep", "2", "--local-levels", "1", "--epochs", "2", "--pose-start", "1", "--threads", "1",
+        "--dec-dim", "32", "--dec-layers", "1"]
+
+
+def drgn(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "drgn_core.cli", *args], capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise AssertionError(out.stderr[-2000:])
+    return out
+
+
+@pytest.fixture(scope="module")
+def sim32(tmp_path_factory) -> Path:
+    """160 homogeneous particles, D 32, SNR 0.1 (the CI-size set of the search tests)."""
+    from drgn_core.simulate import SimConfig, run_simulation
+
+    d = tmp_path_factory.mktemp("abinit") / "sim"
+    run_simulation(SimConfig(n=160, D=32, snr=0.1, heterogeneity="none", seed=5), d, progress=False)
+    return d
+
+
+def _truth(sim: Path):
+    from drgn_core.data import open_particles, read_rows
+    from drgn_core.io.mrc import read_mrc
+    from drgn_core.io.table import read_table
+
+    table = read_table(sim / "table.star")
+    src = open_particles(sim / "particles.mrcs", table)
+    vol = np.array(read_mrc(sim / "gt_volumes" / "vol_000.mrc")[0])
+    rows = np.arange(len(table))
+    return table, src, vol, read_rows(src, rows), table.ctf_params(src.apix)
+
+
+def test_base_grid_covers_so3_evenly():
+    n = 4608
+    R = base_grid(n)
+    assert R.shape == (n, 3, 3)
+    assert np.allclose(R @ R.transpose(0, 2, 1), np.eye(3), atol=1e-9)
+    # Haar-uniform rotations have E[R] = 0
+    assert np.abs(R.mean(axis=0)).max() < 0.01
+    q = Rotation.from_matrix(R).as_quat()
+    dots = np.abs(q[:500] @ q.T)
+    dots[np.arange(500), np.arange(500)] = 0
+    nn = np.degrees(2 * np.arccos(np.clip(dots.max(axis=1), -1, 1)))
+    spacing = np.degrees(grid_spacing(n))
+    # nearest neighbours at about the analytic spacing of a uniform grid, none duplicated or isolated
+    assert 0.7 * spacing < np.median(nn) < 1.5 * spacing
+    assert nn.min() > 0.5 * spacing and nn.max() < 2 * spacing
+
+
+def test_so3_exp_matches_scipy():
+    v = torch.tensor([[0.0, 0.0, 0.0], [0.3, -0.2, 0.1], [1e-6, 0.0, 2e-6], [2.0, 1.0, -0.5]],
+                     dtype=torch.float64)
+    ref = Rotation.from_rotvec(v.numpy()).as_matrix()
+    assert np.allclose(so3_exp(v).numpy(), ref, atol=1e-10)
+
+
+def test_pose_errors_finds_hand_rotation_and_offset():
+    rng = np.random.default_rng(0)
+    At = Rotation.random(300, random_state=1).as_matrix().transpose(0, 2, 1)
+    G = Rotation.from_euler("zyz", [40, 70, -20], degrees=True).as_matrix()
+    noise = Rotation.from_rotvec(rng.normal(0, np.radians(2), (300, 3))).as_matrix()
+    Af = MIRROR @ (noise @ At @ G) @ MIRROR      # the mirror-image map, globally rotated, 2° noise
+    tt = rng.uniform(-3, 3, (300, 2))
+    d = np.array([0.5, -1.0, 0.7])
+    tf = tt + Af[:, :2, :] @ d                   # a 3D offset of the map, seen through each pose
+    e = pose_errors(At, tt, Af, tf)
+    assert e["hand"] == "flipped"
+    assert 1.0 < e["median_rotation_error_deg"] < 4.0       # the 2° (per axis) noise, not the 60°+ offsets
+    assert e["median_shift_error_px"] < 1e-6
+    assert np.allclose(np.abs(e["map_offset_px"]), np.abs(d), atol=1e-6)
+
+
+def test_search_against_the_true_map_recovers_poses(sim32):
+    """With the right reference, the global grid + local refinement find the simulator's poses."""
+    table, src, vol, images, ctf = _truth(sim32)
+    cfg = SearchConfig(keep=4).resolved(src.D)
+    search = PoseSearch(vol, cfg, 12, src.apix, torch.device("cpu"))
+    n = 96
+    res = search.run_batch(images[:n], ctf[:n], np.random.default_rng(0))
+    err = rotation_angle(table.poses()[:n], res["poses"])
+    shift_err = np.linalg.norm(res["shifts"] - table.shifts_px(src.apix)[:n], axis=1)
+    assert np.median(err) < 8.0
+    assert np.median(shift_err) < 0.6
+    assert np.all(np.isfinite(res["confidence"])) and np.median(res["confidence"]) > 0
+
+
+def test_soft_round_from_the_true_map_reconstructs_it(sim32):
+    """The posterior-weighted per-rotation sums, inserted as slices, give back the map inside L."""
+    from drgn_core.abinit.rounds import soft_reference
+    from drgn_core.fsc import fsc_curve
+
+    _table, src, vol, images, ctf = _truth(sim32)
+    L = 8
+    search = PoseSearch(vol, SearchConfig(base_rotations=2048).resolved(src.D), L, src.apix,
+                        torch.device("cpu"))
+    acc = SoftAccumulator(search.S.shape[0], search.lat.P, torch.device("cpu"))
+    halves = np.arange(len(images)) % 2
+    for a in range(0, len(images), 64):
+        soft_batch(search, acc, images[a:a + 64], ctf[a:a + 64], halves[a:a + 64])
+    ref, _ = soft_reference(*insert_slices(acc, search.grid, search.lat, src.D), src.apix)
+    _, fsc = fsc_curve(ref, vol)
+    assert fsc[1:L - 2].min() > 0.8
+
+
+@pytest.fixture(scope="module")
+def tiny_run(sim32, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("abinit_run") / "run"
+    drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o", str(run), *TINY)
+    return run
+
+
+def test_run_directory_is_a_training_run(tiny_run, tmp_path):
+    import yaml
+
+    from drgn_core.io.table import read_table
+
+    for f in ("config.yaml", "model.pt", "z.npy", "indices.npy", "train_log.csv", "learning_curve.png",
+              "poses.star", "confidence.npy", "confidence.png", "abinit.json", "search/map.mrc"):
+        assert (tiny_run / f).exists(), f
+    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert cfg["abinit"]["search"]["base_rotations"] == 576 and "arbitrary" in cfg["abinit"]["hand"]
+    assert Path(cfg["inputs"]["table"]) == (tiny_run / "poses.star").resolve()
+    poses = read_table(tiny_run / "poses.star")
+    assert len(poses) == 160 and len(np.load(tiny_run / "confidence.npy")) == 160
+    out = drgn("volumes", str(tiny_run), "-o", str(tmp_path / "vols"), "--flip")
+    assert (tmp_path / "vols" / "vol_000.mrc").exists(), out.stdout
+
+
+def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_run, sim32, tmp_path):
+    """A run killed after its first search round (only config.yaml and that checkpoint left) resumes to
+    the same poses and weights."""
+    from drgn_core.io.table import read_table
+
+    killed = tmp_path / "killed"
+    (killed / "checkpoints").mkdir(parents=True)
+    shutil.copy(tiny_run / "config.yaml", killed / "config.yaml")
+    shutil.copy(tiny_run / "checkpoints" / "search_000.npz", killed / "checkpoints")
+    drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o", str(killed), *TINY,
+         "--resume")
+    a, b = read_table(tiny_run / "poses.star"), read_table(killed / "poses.star")
+    assert np.array_equal(a.poses(), b.poses()) and np.array_equal(a.shifts_A(), b.shifts_A())
+    wa = torch.load(tiny_run / "model.pt", weights_only=True)["state_dict"]
+    wb = torch.load(killed / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_export_round_trip_and_flip_hand(tiny_run, tmp_path):
+    """Exported STAR → re-imported → back-projected equals the back-projection of the run's poses; the
+    hand-flipped export back-projects to the mirror image."""
+    from drgn_core.backproject import backproject_table
+    from drgn_core.fsc import fsc_curve
+    from drgn_core.importing import import_particles
+    from drgn_core.io.table import read_table
+    from drgn_core.volumes import flip_hand
+
+    drgn("export", str(tiny_run / "poses.star"), "--ind", str(tiny_run / "indices.npy"), "-o",
+         str(tmp_path / "exp"), "--name", "abinit")
+    drgn("export", str(tiny_run / "poses.star"), "--ind", str(tiny_run / "indices.npy"), "-o",
+         str(tmp_path / "flip"), "--name", "abinit", "--flip-hand")
+    run_map = backproject_table(read_table(tiny_run / "poses.star"), progress=False).map
+    back = backproject_table(import_particles(tmp_path / "exp" / "abinit.star"), progress=False).map
+    flipped = backproject_table(import_particles(tmp_path / "flip" / "abinit.star"), progress=False).map
+    D = run_map.shape[0]
+    assert fsc_curve(run_map, back)[1][1:D // 2 - 1].min() > 0.99
+    assert fsc_curve(flip_hand(run_map), flipped)[1][1:D // 4].min() > 0.95
+    cs = import_particles(tmp_path / "exp" / "abinit.cs")
+    assert np.allclose(cs.poses(), read_table(tiny_run / "poses.star").poses(), atol=1e-4)
+
+
+def test_bad_options_and_tables_without_poses(sim32, tmp_path):
+    out = drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o", str(tmp_path / "r"),
+               "--L-min", "0", check=False)
+    assert out.returncode == 2 and "--L-min must be >= 1" in out.stderr and not (tmp_path / "r").exists()
+    # a STAR without poses: the import hint points at drgn abinit, and --no-poses imports it
+    from drgn_core.io.star_format import read_star_blocks, write_star
+
+    blocks = read_star_blocks(sim32 / "particles.star")
+    blocks["particles"] = blocks["particles"].drop(columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"])
+    noposes = sim32 / "noposes.star"
+    write_star(blocks, noposes)
+    out = drgn("import", str(noposes), "-o", str(tmp_path / "t.star"), check=False)
+    assert out.returncode == 2 and "drgn abinit" in out.stderr and "--no-poses" in out.stderr
+    drgn("import", str(noposes), "-o", str(tmp_path / "t.star"), "--no-poses")
+    from drgn_core.io.table import read_table
+
+    t = read_table(tmp_path / "t.star")
+    assert np.allclose(t.poses(), np.eye(3)) and t.provenance.get("poses") == "none"
+
+
+def test_search_from_scratch_converges(tmp_path):
+    """From a random start, the search finds the simulator's poses up to the global rotation and hand:
+    median rotation error ≤ 5°, median shift error ≤ 1 px (CI size: D 32, 600 images at SNR 1; the
+    D 64, SNR 0.1 figures are in bench/README.md, *Ab initio*)."""
+    from drgn_core.abinit.rounds import search_rounds
+    from drgn_core.simulate import SimConfig, run_simulation
+
+    sim = tmp_path / "sim"
+    run_simulation(SimConfig(n=600, D=32, snr=1.0, heterogeneity="none", seed=3), sim, progress=False)
+    table, src, _, _, ctf = _truth(sim)
+    from drgn_core.data import read_rows
+
+    cfg = SearchConfig(iterations=18, soft_iterations=15, minibatch=160, L_min=10, L_max=14, keep=4,
+                       base_rotations=2048).resolved(src.D)
+    res, _ = search_rounds(lambda p: read_rows(src, p), len(table), src.D, src.apix, ctf, cfg, 0,
+                               tmp_path / "run", torch.device("cpu"), progress=False, log=lambda m: None)
+    e = pose_errors(table.poses(), table.shifts_px(src.apix), res["poses"], res["shifts"])
+    assert e["median_rotation_error_deg"] <= 5.0, e["median_rotation_error_deg"]
+    assert e["median_shift_error_px"] <= 1.0, e["median_shift_error_px"]
+
+
+def test_heterogeneous_run_has_latents(sim32, tmp_path):
+    """--zdim > 0: the encoder is trained with the refined poses; z.npy holds one finite latent per row
+    and drgn volumes decodes at latent points (analyze/traverse read the same files)."""
+    run = tmp_path / "het"
+    drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o", str(run), *TINY,
+         "--zdim", "2", "--enc-dim", "32", "--enc-layers", "1")
+    z = np.load(run / "z.npy")
+    assert z.shape == (160, 2) and np.isfinite(z).all() and z.std(axis=0).min() > 0
+    drgn("volumes", str(run), "-o", str(tmp_path / "vols"), "--z=0,0")
+    assert (tmp_path / "vols" / "vol_000.mrc").exists()
