@@ -39,7 +39,8 @@ def test_paper_configs_check_and_dry_run_offline(name, tmp_path, capsys):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "fetch_empiar             1" in out and "import_particles         1" in out
-    assert f"drgn fetch {accession} -o data/{name} --include " in out
+    assert f"drgn fetch {accession} -o data/{name} " in out
+    assert f"--stacks-of data/{name}/" in out  # the stacks follow from the particle file
     assert not (tmp_path / "data").exists()
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drgn_core.errors import DrgnError
+from drgn_core.fetch.connections import LIMIT, folder_lock
 from drgn_core.fetch.verify import Manifest, check_mrc, compute_checksum, is_mrc_name, sha256_file
 
 IDX_HEADER = 512  # bytes of JSON header (space padded) before the per-chunk counters
@@ -124,11 +125,11 @@ def probe_size(url: str, opts: FetchOptions) -> int:
     """The server's exact size of `url`: Content-Length of a HEAD, else the total of a 1-byte Range."""
 
     def once() -> int:
-        with _open_range(url, None, None, opts.timeout, method="HEAD") as r:
+        with LIMIT.slot(), _open_range(url, None, None, opts.timeout, method="HEAD") as r:
             length = r.headers.get("Content-Length")
         if length is not None and length.strip().isdigit():
             return int(length)
-        with _open_range(url, 0, 1, opts.timeout) as r:
+        with LIMIT.slot(), _open_range(url, 0, 1, opts.timeout) as r:
             total = _content_range_total(r.headers.get("Content-Range"))
         if total is None:
             raise DrgnError(f"{url}: the server gives no size (no Content-Length, no Content-Range)")
@@ -180,6 +181,7 @@ class Partial:
         self.fd = os.open(self.part, os.O_RDWR)
         self.idx_fd = os.open(self.idx, os.O_RDWR)
         self.lock = threading.Lock()
+        self.finished = False
         self.remaining_chunks = sum(1 for i in range(self.n_chunks) if self.start(i) < self.end(i))
 
     def _recorded_chunk(self) -> int | None:
@@ -266,6 +268,11 @@ def _fetch_chunk(p: Partial, i: int, opts: FetchOptions, stop: threading.Event, 
 
 
 def _stream(p: Partial, i: int, opts: FetchOptions, stop: threading.Event, bar) -> None:
+    with LIMIT.slot():  # held until the response is closed: the connection limit counts every request
+        _stream_held(p, i, opts, stop, bar)
+
+
+def _stream_held(p: Partial, i: int, opts: FetchOptions, stop: threading.Event, bar) -> None:
     url = p.remote.url
     start, end = p.start(i), p.end(i)
     r = _open_range(url, start, end, opts.timeout)
@@ -313,7 +320,16 @@ def _stream(p: Partial, i: int, opts: FetchOptions, stop: threading.Event, bar) 
 
 
 def _finish(p: Partial, outdir: Path, manifest: Manifest) -> None:
-    """Check a file whose chunks are all in, then rename it into place and record it."""
+    """Check a file whose chunks are all in, then rename it into place and record it.
+
+    Exactly one caller finishes a file: the flag is taken under the file's lock, so a second caller (there
+    should be none: the last chunk's worker, or the one task of a file that was complete at start) returns
+    at once instead of renaming a `.part` that is already gone.
+    """
+    with p.lock:
+        if p.finished:
+            return
+        p.finished = True
     p.close()
     rel, url = p.remote.rel, p.remote.url
     on_disk = p.part.stat().st_size
@@ -398,12 +414,17 @@ def fetch_files(files: list[RemoteFile], outdir: str | os.PathLike, opts: FetchO
     """Fetch `files` (sizes probed where unknown) into outdir; returns a summary dict.
 
     Files recorded in the manifest and unchanged on disk are skipped without any request, so a re-run of
-    a finished fetch is a no-op.
+    a finished fetch is a no-op. One process at a time works in a folder (`connections.folder_lock`), and
+    every request of this process shares one limit of `opts.connections` connections.
     """
+    LIMIT.set(opts.connections)
+    with folder_lock(outdir, quiet=not opts.progress):
+        return _fetch_locked(files, Path(outdir), opts)
+
+
+def _fetch_locked(files: list[RemoteFile], outdir: Path, opts: FetchOptions) -> dict:
     from tqdm import tqdm
 
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(outdir)
     todo, problems = check_existing(files, outdir, manifest, opts)
     if problems:

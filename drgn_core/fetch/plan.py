@@ -19,13 +19,19 @@ LISTING_RETRIES = 2
 
 
 def plan_entry(accession: str, include: list[str], api_base: str, data_base: str,
-               opts: FetchOptions) -> tuple[api.Entry, list[RemoteFile]]:
-    """The entry's metadata and the files to fetch (relative paths as on the server, e.g. data/x.mrcs)."""
+               opts: FetchOptions, walk_all: bool = True) -> tuple[api.Entry, list[RemoteFile]]:
+    """The entry's metadata and the files to fetch (relative paths as on the server, e.g. data/x.mrcs).
+
+    No include pattern means the whole entry, unless `walk_all` is false (the stacks then come from a
+    particle file, `drgn fetch --stacks-of`): nothing is listed at all.
+    """
     entry = api.fetch_entry(accession, api_base, timeout=opts.timeout)
     for w in entry.warnings:
         print(f"drgn fetch: {entry.accession}: API {w}", file=sys.stderr)
     root = f"{data_base.rstrip('/')}/{entry.number}/"
     patterns = [p.strip("/") for p in include]
+    if not patterns and not walk_all:
+        return entry, []
     paths = set(listing.walk(root, patterns, timeout=opts.timeout))
     for pat in patterns:
         if listing.is_literal(pat):
