@@ -29,6 +29,7 @@ class FakeEmpiar:
         self.entries = entries  # "EMPIAR-N" -> API body
         self.max_connections = max_connections
         self.rate = rate  # bytes/s per connection, None = unlimited
+        self.block = 16384  # bytes per write: what a client killed mid-transfer loses per connection
         self.omit_once: set[str] = set()  # "N/data/x" omitted from the next listing that would show it
         self.drop_once: dict[str, int] = {}  # "N/data/x" -> drop after this many body bytes, once
         self.bad_length_once: set[str] = set()  # claim 4096 more bytes than sent, once
@@ -182,7 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
         if head:
             return
         limit = len(body) if drop_at is None else drop_at
-        block = 16384
+        block = app.block
         t0 = time.monotonic()
         sent = 0
         try:

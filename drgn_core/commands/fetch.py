@@ -31,7 +31,8 @@ $DRGN_EMPIAR_DATA (default https://ftp.ebi.ac.uk/empiar/world_availability; a mi
 Examples:
   drgn fetch EMPIAR-10076 -o data/10076 --include 'data/Parameters.star' 'data/L17*' --dry-run
   drgn fetch EMPIAR-10076 -o data/10076 --include 'data/Parameters.star' 'data/L17*'
-  drgn fetch EMPIAR-10076 -o data/10076 --include data/Parameters.star --stacks-of data/10076/data/Parameters.star
+  drgn fetch EMPIAR-10076 -o data/10076 --include data/Parameters.star \
+      --stacks-of data/10076/data/Parameters.star
   drgn fetch https://example.org/inputs/poses.cs --checksum git:0123456789abcdef0123456789abcdef01234567 -o in
 """
 
@@ -52,11 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "`*` also crosses folders); default: the whole entry")
     parser.add_argument("--checksum", help="for a URL source: expected sha256:HEX or git:HEX (git blob id)")
     parser.add_argument("--name", help="for a URL source: file name to save as (default: the URL's)")
-    parser.add_argument("--stacks-of", metavar="FILE", help="a particle file (.star, .cs, .txt; a local path, "
-                        "normally inside -o): after the included files, fetch every stack it names that is "
-                        "not on disk, by exact path; fail while one is absent")
-    parser.add_argument("--stacks-datadir", metavar="DIR", help="with --stacks-of: the folder its stack paths "
-                        "are relative to, as `drgn import --datadir` (default: the particle file's folder)")
+    parser.add_argument("--stacks-of", metavar="FILE",
+                        help="a particle file (.star, .cs, .txt; a local path, normally inside -o): after the "
+                        "included files, fetch every stack it names that is not on disk, by exact path; fail "
+                        "while one is absent")
+    parser.add_argument("--stacks-datadir", metavar="DIR",
+                        help="with --stacks-of: the folder its stack paths are relative to, as `drgn import "
+                        "--datadir` (default: the particle file's folder)")
     parser.add_argument("--dry-run", action="store_true", help="list the files, their sizes and the total; "
                         "fetch nothing")
     parser.add_argument("--connections", type=int, default=8, help="parallel connections in all (default 8, "
@@ -131,14 +134,16 @@ def run(args: argparse.Namespace) -> int:
     if args.stacks_of:
         if args.source.startswith(("http://", "https://")):
             raise DrgnError("--stacks-of applies to an EMPIAR accession, not to a URL")
-        from drgn_core.fetch.referenced import plan_referenced
+        from drgn_core.fetch.referenced import absent_error, plan_referenced
 
         root = f"{data_base.rstrip('/')}/{entry.number}/"
-        more = plan_referenced(args.stacks_of, args.output, args.stacks_datadir, root, opts)
+        more, absent = plan_referenced(args.stacks_of, args.output, args.stacks_datadir, root, opts)
         if more:
             extra = fetch_files(more, args.output, opts)
             for key in ("files", "fetched", "bytes_total", "bytes_fetched", "skipped"):
                 summary[key] += extra[key]
+        if absent:
+            raise absent_error(absent)
     print(f"{label}: {_files(summary['files'])} ({_human(summary['bytes_total'])}) in {args.output}; "
           f"{summary['fetched']} fetched ({_human(summary['bytes_fetched'])} transferred), "
           f"{summary['skipped']} already complete and verified.")

@@ -303,7 +303,9 @@ def _stream_held(p: Partial, i: int, opts: FetchOptions, stop: threading.Event, 
         pos = start
         while pos < end and not stop.is_set():
             try:
-                data = r.read(min(PIECE, end - pos))
+                # read1: whatever has arrived (up to PIECE) is written at once, so a kill or a dropped
+                # connection loses only what is still in the socket, not a half-filled 64 KiB buffer.
+                data = r.read1(min(PIECE, end - pos))
             except (http.client.IncompleteRead, http.client.HTTPException, ConnectionError,
                     TimeoutError, OSError) as e:
                 raise _Transient(f"connection dropped at byte {pos} ({type(e).__name__})") from None

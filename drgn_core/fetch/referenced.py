@@ -80,9 +80,10 @@ def missing_stacks(particle_file: str | os.PathLike, folder: str | os.PathLike,
 
 def plan_referenced(particle_file: str | os.PathLike, folder: str | os.PathLike,
                     datadir: str | os.PathLike | None, root_url: str, opts: FetchOptions
-                    ) -> list[RemoteFile]:
-    """The missing referenced stacks as files to fetch (sizes probed), or one error naming the stacks
-    that no candidate URL serves."""
+                    ) -> tuple[list[RemoteFile], list[str]]:
+    """(the missing referenced stacks that the server serves, as files to fetch with sizes probed;
+    one line per stack that no candidate URL serves). The caller fetches the first, then fails with
+    `absent_error` if the second is not empty: what can be fetched is not held back by what cannot."""
     root_url = root_url.rstrip("/") + "/"
     files, absent = [], []
     for ref, cands in missing_stacks(particle_file, folder, datadir):
@@ -100,8 +101,11 @@ def plan_referenced(particle_file: str | os.PathLike, folder: str | os.PathLike,
             where = ", ".join(tried) if tried else f"no URL (no candidate path lies inside {folder})"
             absent.append(f"stack {ref} named by {particle_file} is not on disk and not served (tried "
                           f"{where})")
-    if absent:
-        more = f"; and {len(absent) - 3} more" if len(absent) > 3 else ""
-        raise DrgnError("; ".join(absent[:3]) + more + "; the fetch is not complete, run again once the "
-                        "server serves it (or fix empiar.datadir)")
-    return files
+    return files, absent
+
+
+def absent_error(absent: list[str]) -> DrgnError:
+    """One line for the stacks that stay absent (the first three named)."""
+    more = f"; and {len(absent) - 3} more" if len(absent) > 3 else ""
+    return DrgnError("; ".join(absent[:3]) + more + "; the fetch is not complete, run again once the "
+                     "server serves it (or fix empiar.datadir)")

@@ -69,7 +69,7 @@ def fetch_commands(config: dict, quiet: bool = True) -> list[list[str]]:
         entry += ["--api-base", e["api_base"]]
     if e["data_base"]:
         entry += ["--data-base", e["data_base"]]
-    return cmds + [entry]
+    return [*cmds, entry]
 
 
 def fetch_shell(config: dict) -> str:
