@@ -54,9 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checksum", help="for a URL source: expected sha256:HEX or git:HEX (git blob id)")
     parser.add_argument("--name", help="for a URL source: file name to save as (default: the URL's)")
     parser.add_argument("--stacks-of", metavar="FILE",
-                        help="a particle file (.star, .cs, .txt; a local path, normally inside -o): after the "
-                        "included files, fetch every stack it names that is not on disk, by exact path; fail "
-                        "while one is absent")
+                        help="a particle file (.star, .cs, .txt; a local path, normally inside -o): after "
+                        "the included files, fetch every stack it names that is not on disk, by exact path; "
+                        "fail while one is absent")
     parser.add_argument("--stacks-datadir", metavar="DIR",
                         help="with --stacks-of: the folder its stack paths are relative to, as `drgn import "
                         "--datadir` (default: the particle file's folder)")
