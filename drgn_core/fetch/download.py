@@ -364,11 +364,11 @@ def check_existing(files: list[RemoteFile], outdir: Path, manifest: Manifest,
 
     Re-hashing what a finished fetch brought takes minutes for 100 GB (disk speed), hence its own bar.
     """
-    from tqdm import tqdm
+    from drgn_core.progress import progress_bar
 
     todo, problems = [], []
     recorded = [f for f in files if f.rel in manifest.files and (outdir / f.rel).exists()]
-    bar = tqdm(total=sum(manifest.files[f.rel]["size"] for f in recorded), unit="B", unit_scale=True,
+    bar = progress_bar(total=sum(manifest.files[f.rel]["size"] for f in recorded), unit="B", unit_scale=True,
                unit_divisor=1024, desc="verify", file=sys.stderr,
                disable=not (opts.progress and opts.verify_existing and recorded))
     for f in files:
@@ -425,7 +425,7 @@ def fetch_files(files: list[RemoteFile], outdir: str | os.PathLike, opts: FetchO
 
 
 def _fetch_locked(files: list[RemoteFile], outdir: Path, opts: FetchOptions) -> dict:
-    from tqdm import tqdm
+    from drgn_core.progress import progress_bar
 
     manifest = Manifest(outdir)
     todo, problems = check_existing(files, outdir, manifest, opts)
@@ -463,7 +463,7 @@ def _fetch_locked(files: list[RemoteFile], outdir: Path, opts: FetchOptions) -> 
         already = sum(p.bytes_done for p in parts)
         total = sum(p.size for p in parts)
         stop = threading.Event()
-        with tqdm(total=total, initial=already, unit="B", unit_scale=True, unit_divisor=1024,
+        with progress_bar(total=total, initial=already, unit="B", unit_scale=True, unit_divisor=1024,
                   desc="fetch", file=sys.stderr, disable=not opts.progress, smoothing=0.1) as bar, \
                 ThreadPoolExecutor(max_workers=max(1, opts.connections)) as pool:
 
