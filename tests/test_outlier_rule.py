@@ -21,7 +21,7 @@ from drgn_core.io.table import read_table
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "config" / "examples").glob("*.yaml")) + [REPO / "config" / "config.yaml"]
+CONFIGS = [*sorted((REPO / "config" / "examples").glob("*.yaml")), REPO / "config" / "config.yaml"]
 
 
 def _spec(config: Path, runs: dict[int, Path]) -> dict:
@@ -47,7 +47,7 @@ def clean_pilots(tmp_path_factory):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_example_filters_keep_a_set_without_junk(config, clean_pilots, tmp_path):
-    data, runs = clean_pilots
+    _, runs = clean_pilots
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(_spec(config, runs)))
     out = tmp_path / "f"
     assert main(["filter", "--spec", str(tmp_path / "spec.yaml"), "-o", str(out)]) == 0
