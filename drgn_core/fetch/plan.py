@@ -38,7 +38,12 @@ def plan_entry(accession: str, include: list[str], api_base: str, data_base: str
             if pat not in paths:
                 paths |= _find_omitted(root, pat, opts)
         elif not any(listing.matches(p, [pat]) for p in paths):
-            raise DrgnError(f"{root}: --include {pat!r} matches no file of {entry.accession}'s listing")
+            if walk_all:
+                raise DrgnError(f"{root}: --include {pat!r} matches no file of {entry.accession}'s listing")
+            # With --stacks-of the particle file says which stacks are needed: a listing that left them
+            # out is made good by fetching them by exact path, so an empty glob is only worth a note.
+            print(f"drgn fetch: {root}: --include {pat!r} matches no file of {entry.accession}'s listing; "
+                  "the stacks the particle file names are fetched by exact path", file=sys.stderr)
     if not paths:
         raise DrgnError(f"{root}: the listing of {entry.accession} shows no files")
     files = [RemoteFile(rel=p, url=root + urllib.parse.quote(p)) for p in sorted(paths)]
