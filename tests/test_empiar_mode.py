@@ -208,3 +208,67 @@ def test_empiar_mode_exports_the_poses_cs_with_the_kept_uids(empiar_run):
     assert main(["import", str(relion), "--datadir", str(entry), "-o", str(again)]) == 0
     back = read_table(again)
     np.testing.assert_allclose(back.poses(), table.subset(np.sort(kept)).poses(), atol=1e-4)
+
+
+KILL_STAGES = ["fetch", "import", "downsample", "pilot", "filter", "highres", "analyze", "export"]
+EXACT = {".npy", ".star", ".cs", ".csg", ".mrcs", ".txt"}  # byte for byte; maps (.mrc) to fp32 tolerance
+
+
+@pytest.mark.slow
+def test_workflow_killed_at_any_moment_ends_the_same(empiar_run):
+    """SIGKILL Snakemake and its jobs (the process group) once in each stage, at a seeded moment after the
+    stage's first job starts, rerunning the README's command each time; the last rerun completes, and every
+    output equals the uninterrupted run's (the fixture's), in the same folder (paths are recorded).
+    Runs last: it moves the fixture's results aside."""
+    import os
+    import signal
+    import time
+
+    from conftest_workflow import snakemake_cmd
+
+    root, _, _, sha = empiar_run
+    work = root / "emp"
+    ref = root / "reference"
+    shutil.move(work / "results", ref)
+    for d in ("fetched", ".snakemake"):
+        shutil.rmtree(work / d, ignore_errors=True)
+    rng = np.random.default_rng(22)
+    profile = ["--profile", str(REPO / "profiles" / "local"), "--cores", "2"]
+    killed = []
+    with FakeEmpiar(root / "srv", {"EMPIAR-10999": api_body("10999")}, lifetime=1800) as srv:
+        cfg = write_config(work, empiar_config(srv, sha))
+        for stage in KILL_STAGES:
+            t0 = time.time()
+            proc = subprocess.Popen(snakemake_cmd(work, cfg, *profile), cwd=work, env=env(),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+            logs = work / "results" / "logs" / stage
+            while proc.poll() is None and time.time() - t0 < 600:
+                if logs.is_dir() and any(p.stat().st_mtime >= t0 for p in logs.glob("*.log")):
+                    break
+                time.sleep(0.05)
+            if proc.poll() is None:
+                time.sleep(rng.uniform(0.1, 1.5))
+                os.killpg(proc.pid, signal.SIGKILL)
+            killed.append((stage, proc.wait()))
+        run_snakemake(work, cfg, *profile, timeout=900)
+    assert sum(rc == -signal.SIGKILL for _, rc in killed) >= 8, killed
+    differ, compared = [], 0
+    for a in sorted(ref.rglob("*")):
+        rel = a.relative_to(ref)
+        if not a.is_file() or rel.parts[0] in ("logs", "benchmarks"):
+            continue
+        b = work / "results" / rel
+        assert b.exists(), rel
+        if a.suffix == ".mrc":
+            import mrcfile
+
+            with mrcfile.open(a, permissive=True) as x, mrcfile.open(b, permissive=True) as y:
+                if not np.allclose(x.data, y.data, rtol=1e-5, atol=1e-6 * float(np.abs(x.data).max())):
+                    differ.append(str(rel))
+            compared += 1
+        elif a.suffix in EXACT:
+            if a.read_bytes() != b.read_bytes():
+                differ.append(str(rel))
+            compared += 1
+    assert compared > 20 and differ == [], (killed, differ)
