@@ -12,8 +12,9 @@ list from its HTTPS directory listing (only folders the --include globs can reac
 parallel Range requests over at most --connections connections (EBI throttles above about 8): the limit
 holds for every request of the process, the API call, listings, size probes and retries included. A 503
 or a dropped connection is retried with back-off, keeping every byte received. A second drgn fetch into
-the same folder waits for the first (a lock on the folder, released however the first one ends). Every file resumes after any interruption (kill -9
-included) from a progress index beside its `.NAME.part`; a file gets its name only when complete: its
+the same folder waits for the first (a lock on the folder, released however the first one ends). Every
+file resumes after any interruption (kill -9 included) from a progress index beside its `.NAME.part`; a
+file gets its name only when complete: its
 size equals the server's and, for .mrc/.mrcs, its header implies exactly that size. Its sha256 then goes
 into drgn-fetch-manifest.json and is checked on later runs, so re-running a finished fetch is a cheap
 no-op that also catches a file changed on disk (--repair fetches such files again).
