@@ -202,8 +202,9 @@ def shell_cut(norms: np.ndarray, labels: np.ndarray, n_groups: int, candidates: 
     Groups are ordered by the mean ‖z‖ of their members. Each cut of that order splits the particles into an
     inner core and an outer shell; a cut is allowed when every group of its shell is a candidate (what the
     rule would remove: its top n, the far-out ones, the listed ids) and the most populous group stays in the
-    core. The shell of the allowed cut with the largest Ashman's D between the shell's and the core's ‖z‖
-    (`ashman_d`) is removed when that D reaches `threshold`; otherwise nothing is removed. So a set without
+    core. The largest allowed shell whose ‖z‖ stands apart from the core's by Ashman's D >= `threshold`
+    (`ashman_d`) is removed (as much as is separated, so junk of several kinds goes together); when no
+    allowed shell reaches it, nothing is removed. So a set without
     junk, whose components merely tile one blob of latents, loses nothing (its best D stays well under 2),
     while junk, which the encoder places far from the particles, forms a shell with D far above 2. With
     threshold 0 every candidate is removed, whatever the separation (the paper's literal rule).
@@ -221,8 +222,10 @@ def shell_cut(norms: np.ndarray, labels: np.ndarray, n_groups: int, candidates: 
             continue
         m = np.isin(labels, shell)
         cuts.append((ashman_d(norms[m], norms[~m]), sorted(shell)))
-    best = max(cuts, key=lambda c: c[0], default=(None, []))
-    removed = best[1] if best[0] is not None and best[0] >= threshold else []
+    separated = [c for c in cuts if c[0] >= threshold]
+    # cuts run from the largest shell to the smallest: the first separated one is the largest
+    best = separated[0] if separated else max(cuts, key=lambda c: c[0], default=(None, []))
+    removed = best[1] if separated else []
     info = {"separation_threshold": threshold,
             "best_separation": None if best[0] is None else round(best[0], 4),
             "best_shell": best[1],
