@@ -77,7 +77,7 @@ def main() -> None:
         total = make_entry(tmp / "srv", a.files, a.mb)
         with fresh_server(tmp / "srv", a.rate) as srv:
             t0 = time.perf_counter()
-            subprocess.run(command(srv, tmp / "once"), env=env, check=True)
+            subprocess.run(command(srv, tmp / "once"), env=env, check=True, stdout=subprocess.DEVNULL)
             t_once = time.perf_counter() - t0
             once = {"bytes_ratio": srv.bytes_sent / total, "peak_connections": srv.peak,
                     "refused_503": srv.refused}
@@ -88,7 +88,7 @@ def main() -> None:
             t_all = 0.0
             for k in range(a.kills):
                 t0 = time.perf_counter()
-                proc = subprocess.Popen(command(srv, out), env=env)
+                proc = subprocess.Popen(command(srv, out), env=env, stdout=subprocess.DEVNULL)
                 while proc.poll() is None and srv.bytes_sent < thresholds[k]:
                     time.sleep(0.005)
                 if proc.poll() is None:
@@ -97,7 +97,7 @@ def main() -> None:
                 t_all += time.perf_counter() - t0
             before = srv.bytes_sent
             t0 = time.perf_counter()
-            subprocess.run(command(srv, out), env=env, check=True)
+            subprocess.run(command(srv, out), env=env, check=True, stdout=subprocess.DEVNULL)
             t_last = time.perf_counter() - t0
             t_all += t_last
             identical = all((out / p.relative_to(tmp / "srv" / "10996")).read_bytes() == p.read_bytes()
