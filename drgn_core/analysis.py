@@ -96,7 +96,8 @@ def run_umap(z: np.ndarray, seed: int = 0, n_neighbors: int = UMAP_NEIGHBORS, mi
     the price of reproducible embeddings.
     """
     import umap
-    from tqdm import tqdm
+
+    from drgn_core.progress import progress_bar
 
     n = len(z)
     if n <= n_neighbors:
@@ -110,8 +111,8 @@ def run_umap(z: np.ndarray, seed: int = 0, n_neighbors: int = UMAP_NEIGHBORS, mi
         warnings.filterwarnings("ignore", category=FutureWarning)
         emb[fit_rows] = reducer.fit_transform(z[fit_rows])
         rest = np.setdiff1d(np.arange(n), fit_rows, assume_unique=True)
-        for a in tqdm(range(0, len(rest), chunk), desc="umap transform", unit="chunk", file=sys.stderr,
-                      disable=len(rest) == 0):
+        for a in progress_bar(range(0, len(rest), chunk), desc="umap transform", unit="chunk",
+                              file=sys.stderr, disable=len(rest) == 0):
             rows = rest[a:a + chunk]
             emb[rows] = reducer.transform(z[rows])
     info = {"n_neighbors": n_neighbors, "min_dist": min_dist, "seed": seed, "fit_rows": len(fit_rows),

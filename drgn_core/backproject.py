@@ -233,13 +233,12 @@ def reconstruct(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix: 
     order (the caller maps them to table rows); poses (n, 3, 3), shifts (n, 2) px of this box, CTF
     (n, 9) with column 0 = `apix` (or None), halves (n,) 0/1. Images are read `chunk` at a time.
     """
-    from tqdm import tqdm
-
     from drgn_core.fsc import fsc_curve, paper_mask
+    from drgn_core.progress import progress_bar
 
     ins = FourierInserter(D, n_maps=2, interpolation=interpolation, device=device)
     bs = ins.batch_size()
-    with tqdm(total=n, desc="back-projecting", unit="img", disable=not progress) as bar:
+    with progress_bar(total=n, desc="back-projecting", unit="img", disable=not progress) as bar:
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             images = read(np.arange(start, stop))

@@ -45,6 +45,7 @@ from drgn_core.io.prepared_cache import PreparedCache, array_digest
 from drgn_core.io.stack import file_sha256, open_stack, sidecar_path
 from drgn_core.io.table import ParticleTable
 from drgn_core.models import HalfLattice
+from drgn_core.progress import progress_bar
 
 NORM_SAMPLE = 1000  # images used to estimate the global normalisation scale
 CHUNK_BYTES = 8 * 2**20  # prepared bytes of one streamed chunk when its size is automatic (chunk=0)
@@ -362,7 +363,7 @@ class ParticleData:
 
     def _prepare_all(self) -> torch.Tensor:
         y = torch.empty((self.n, self.lattice.P, 2), dtype=self.dtype, device=self.device)
-        bar = tqdm(total=self.n, desc="preparing images", unit="img", disable=not self.progress,
+        bar = progress_bar(total=self.n, desc="preparing images", unit="img", disable=not self.progress,
                    mininterval=1.0)
         a = 0
         for block in self._prepared_blocks(0, self.n):
@@ -418,7 +419,7 @@ class ParticleData:
         todo = sorted(missing, key=lambda i: ((i % world - rank) % world, i))
         read = max(PREP_BLOCK, self.chunk // PREP_BLOCK * PREP_BLOCK)
         total = sum(hi - lo for lo, hi in map(cache.part_range, todo))
-        bar = tqdm(total=total, desc="caching prepared images", unit="img", disable=not self.progress,
+        bar = progress_bar(total=total, desc="caching prepared images", unit="img", disable=not self.progress,
                    mininterval=1.0, file=sys.stderr)
 
         def blocks(lo: int, hi: int) -> Iterator[np.ndarray]:

@@ -309,11 +309,10 @@ def downsample_table(table: ParticleTable, D: int, out: str | os.PathLike, chunk
     D = D0 copies the images (sign applied). Every image is checked (`_check_images`). Returns the opened
     stack. `max_threads` bounds torch's threads for the FFTs (restored afterwards).
     """
-    from tqdm import tqdm
-
     from drgn_core.io.atomic import atomic_path, refuse_overwrite_input
     from drgn_core.io.images import ImageSource
     from drgn_core.io.mrc import new_mmap_stack
+    from drgn_core.progress import progress_bar
 
     plan = plan_resampling(table, D)
     if chunk < 1:
@@ -336,7 +335,7 @@ def downsample_table(table: ParticleTable, D: int, out: str | os.PathLike, chunk
             mrc = new_mmap_stack(tmp, len(table), D, plan.apix, dtype)
             stats = _RunningStats()
             try:
-                with tqdm(total=len(table), desc=f"downsample {D0_label}→{D}", unit="img",
+                with progress_bar(total=len(table), desc=f"downsample {D0_label}→{D}", unit="img",
                           disable=not progress) as bar:
                     for start in range(0, len(table), chunk):
                         rows = np.arange(start, min(start + chunk, len(table)))

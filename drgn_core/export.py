@@ -10,7 +10,13 @@ A subset chosen in drgnflow (0-based rows of the canonical table) goes back to t
 - when the source was a cryoSPARC `.cs`: a row subset of it (loaded and saved with cryosparc-tools, uids
   and every field intact; uids checked against the table's drgnUid), and a `.csg` result-group file
   beside it, as cryoSPARC 4.x writes one, for the Import Result Group job;
-- `uids.txt` (one decimal uid per line) for cryoSPARC's Particle Sets Tool, when the particles have uids;
+- when the poses came from a second file (`drgn import --poses`, the EMPIAR examples): NAME.relion.star, a
+  RELION 3.1 STAR with an optics block that carries the poses and CTF the run used (image names as the
+  original file wrote them), for RELION refinement; and, when that file was a cryoSPARC `.cs`, the row
+  subset of it with its uids (NAME.poses.cs + NAME.poses.csg) for cryoSPARC's Import Result Group, since
+  the particle file (a STAR without poses, say) carries neither the poses nor the uids cryoSPARC knows;
+- `uids.txt` (one decimal uid per line) for cryoSPARC's Particle Sets Tool, when the particles have uids
+  (the particle file's, else the poses file's);
 - `indices.npy` / `indices.txt`: the canonical rows, in the exported order;
 - with a folder of volumes (vol_*.mrc), a ChimeraX script that opens them as a volume series and plays
   it back and forth, at a level that encloses the top 1 % of the first volume's voxels by default.
@@ -251,6 +257,22 @@ def source_of(table: ParticleTable, source: str | os.PathLike | None) -> Path:
     return p
 
 
+def _poses_file(table: ParticleTable) -> tuple[Path | None, np.ndarray | None, np.ndarray | None]:
+    """(the second file the poses came from, each row's row in it, its uids when a .cs), or Nones when
+    the poses came with the particles. A poses file that has moved is an error: the export promised from
+    it cannot be written."""
+    rows = table.poses_rows()
+    recorded = table.provenance.get("poses_source")
+    if rows is None or recorded in (None, "", "nan"):
+        return None, None, None
+    path = Path(str(recorded))
+    uids = table.poses_uids() if path.suffix.lower() == ".cs" else None
+    if uids is not None and not path.is_file():
+        raise InputError("the poses file the table was imported with (provenance poses_source) is gone; "
+                         "the cryoSPARC export of the poses needs it", path)
+    return path, rows, uids
+
+
 def export_subset(table: ParticleTable, indices: np.ndarray, outdir: str | os.PathLike,
                   source: str | os.PathLike | None = None, name: str = "subset",
                   volumes_dir: str | os.PathLike | None = None, level_percentile: float = 99.0,
@@ -292,12 +314,20 @@ def export_subset(table: ParticleTable, indices: np.ndarray, outdir: str | os.Pa
     else:
         outputs["cs"] = outdir / f"{name}.cs"
         outputs["csg"] = outdir / f"{name}.csg"
+    poses_path, poses_rows, poses_uids = _poses_file(table)
+    if poses_path is not None:
+        outputs["relion_star"] = outdir / f"{name}.relion.star"
+        if poses_uids is not None:
+            outputs["poses_cs"] = outdir / f"{name}.poses.cs"
+            outputs["poses_csg"] = outdir / f"{name}.poses.csg"
     uids_all = table.uids()
+    if uids_all is None and poses_uids is not None:
+        uids_all = poses_uids
     if uids_all is not None:
         outputs["uids"] = outdir / "uids.txt"
     if volumes_dir is not None:
         outputs["chimerax"] = outdir / "volumes.cxc"
-    inputs = [src, *(p for p in [table.path, *extra_inputs] if p is not None)]
+    inputs = [src, *(p for p in [table.path, poses_path, *extra_inputs] if p is not None)]
     refuse_overwrite_input(list(outputs.values()), inputs)
 
     # build everything in memory first, so a bad input leaves no files behind
@@ -311,16 +341,33 @@ def export_subset(table: ParticleTable, indices: np.ndarray, outdir: str | os.Pa
         star_text, n_src = star_row_subset(src, src_rows, names)
         summary["n_source"] = n_src
     else:
-        if uids is None:
+        cs_rows, cs_uids = src_rows, table.uids()
+        if cs_uids is None and poses_uids is not None and src.resolve() == poses_path.resolve():
+            cs_rows, cs_uids = poses_rows[idx], poses_uids[idx]  # --source the poses .cs: its rows
+        elif cs_uids is not None:
+            cs_uids = cs_uids[idx]
+        if cs_uids is None:
             raise InputError(f"has no cryoSPARC uids (drgnUid), so it was not imported from {src.name}; "
                              "pass the STAR file it came from as --source", table.path)
-        sub = cs_row_subset(src, src_rows, uids)
+        sub = cs_row_subset(src, cs_rows, cs_uids)
         slots = [p for p in sub.prefixes() if p != "uid"]
         title = f"{name} ({idx.size} particles)"
         desc = (f"drgnflow subset: {idx.size} of {len(table)} particles of {src.name}, rows in the "
                 "original order")
         group = csg_text(outputs["cs"].name, slots, idx.size, title, desc)
         summary["slots"] = slots
+    if "poses_cs" in outputs:
+        # rows in the poses file's order, so the output really is a subset of it
+        prow = poses_rows[idx]
+        pord = np.argsort(prow, kind="stable")
+        poses_sub = cs_row_subset(poses_path, prow[pord], poses_uids[idx][pord])
+        poses_slots = [p for p in poses_sub.prefixes() if p != "uid"]
+        poses_group = csg_text(outputs["poses_cs"].name, poses_slots, idx.size,
+                               f"{name} poses ({idx.size} particles)",
+                               f"drgnflow subset: {idx.size} of {len(table)} particles of {poses_path.name} "
+                               "(the poses the run used), rows in the original order")
+        summary["poses_source"] = str(poses_path)
+        summary["poses_slots"] = poses_slots
     cxc = None
     if volumes_dir is not None:
         cxc = chimerax_series_script(volumes_dir, outputs["chimerax"], level_percentile)
@@ -335,6 +382,18 @@ def export_subset(table: ParticleTable, indices: np.ndarray, outdir: str | os.Pa
                 sub.save(f)
         with atomic_path(outputs["csg"]) as tmp:
             tmp.write_text(group)
+    if "poses_cs" in outputs:
+        with atomic_path(outputs["poses_cs"]) as tmp:
+            with open(tmp, "wb") as f:
+                poses_sub.save(f)
+        with atomic_path(outputs["poses_csg"]) as tmp:
+            tmp.write_text(poses_group)
+    if "relion_star" in outputs:
+        from drgn_core.io.star import write_relion_star
+
+        sub_table = table.subset(idx)
+        write_relion_star(sub_table, outputs["relion_star"],
+                          image_names=sub_table.particles["rlnImageName"].astype(str).to_numpy())
     if uids is not None:
         with atomic_path(outputs["uids"]) as tmp:
             tmp.write_text("".join(f"{int(u)}\n" for u in uids))

@@ -23,6 +23,9 @@ REQUIRED = object()   # a parameter without default that must be given
 OPTIONAL = object()   # a parameter without default that may be left out (then it is absent)
 
 OUTLYING_FACTOR = 2.0  # gmm rule outlying_mean_norm: junk when a component's mean ‖z‖ > 2 × the median ‖z‖
+# The rules remove an outer shell of components only when its ‖z‖ is separated from the rest's by Ashman's
+# D >= this (2 = the classical threshold for two cleanly separated modes; drgn_core.filtering.shell_cut).
+SEPARATION = 2.0
 GMM_RULES = ("largest_mean_norm", "outlying_mean_norm")
 BOX_BOUNDS = ("xmin", "xmax", "ymin", "ymax")
 
@@ -62,10 +65,11 @@ class Kind:
 def _check_gmm(p: dict) -> None:
     rm = p["remove"]
     by_ids = isinstance(rm, dict) and set(rm) == {"ids"}
-    by_rule = isinstance(rm, dict) and "rule" in rm and set(rm) <= {"rule", "n", "factor"}
+    by_rule = isinstance(rm, dict) and "rule" in rm and set(rm) <= {"rule", "n", "factor", "separation"}
     if not (by_ids or by_rule):
         raise VocabError("'remove' must be {ids: [..]}, {rule: largest_mean_norm, n: 1} or "
-                         "{rule: outlying_mean_norm, factor: 2}", "remove")
+                         "{rule: outlying_mean_norm, factor: 2} (either rule with an optional separation: 2)",
+                         "remove")
     if "ids" in rm:
         ids = _ids(rm["ids"], "remove.ids", "component")
         bad = [i for i in ids if not i < p["components"]]
@@ -78,20 +82,30 @@ def _check_gmm(p: dict) -> None:
         n = _to_int(rm.get("n", 1), "remove.n")
         if not 1 <= n < p["components"]:
             raise VocabError(f"'remove.n' must be between 1 and components - 1, got {n}", "remove.n")
-        p["remove"] = {"rule": "largest_mean_norm", "n": n}
+        p["remove"] = {"rule": "largest_mean_norm", "n": n, "separation": _separation(rm)}
     elif rm["rule"] == "outlying_mean_norm":
         if "n" in rm:
             raise VocabError("'remove.n' belongs to rule largest_mean_norm", "remove.n")
         factor = rm.get("factor", OUTLYING_FACTOR)
         if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 1:
             raise VocabError(f"'remove.factor' must be a number > 1, got {factor!r}", "remove.factor")
-        p["remove"] = {"rule": "outlying_mean_norm", "factor": float(factor)}
+        p["remove"] = {"rule": "outlying_mean_norm", "factor": float(factor), "separation": _separation(rm)}
     else:
         raise VocabError(f"unknown rule {rm['rule']!r} (known: {', '.join(GMM_RULES)})", "remove.rule")
 
 
+def _separation(rm: dict) -> float:
+    v = rm.get("separation", SEPARATION)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0:
+        raise VocabError(f"'remove.separation' must be a number >= 0, got {v!r}", "remove.separation")
+    return float(v)
+
+
 def _check_kmeans(p: dict) -> None:
-    bad = [i for i in p["remove_ids"] if not i < p["k"]]
+    if "remove_ids" not in p and "separation" not in p:
+        raise VocabError("give remove_ids (clusters to remove), separation (remove the clusters whose ‖z‖ "
+                         "is separated from the rest's by at least this Ashman's D), or both", "remove_ids")
+    bad = [i for i in p.get("remove_ids", []) if not i < p["k"]]
     if bad:
         raise VocabError(f"cluster id {bad[0]} is out of range 0..{p['k'] - 1}", "remove_ids")
 
@@ -117,7 +131,8 @@ FILTERS: dict[str, Kind] = {
          "value": Param("number", "Threshold on the latent coordinate.")}),
     "gmm": Kind(
         "Fit a Gaussian mixture to the latents and remove whole components; the paper's outlier component "
-        "is the one with the largest mean norm ‖z‖ (rule largest_mean_norm).",
+        "is the one with the largest mean norm ‖z‖ (rule largest_mean_norm). The rules remove components "
+        "only when their ‖z‖ is separated from the rest's (Ashman's D >= remove.separation, default 2).",
         {"components": Param("integer", "Number of mixture components.", 5, minimum=2, maximum=100),
          "covariance": Param("string", "Covariance type.", "full",
                              choices=("full", "tied", "diag", "spherical")),
@@ -126,10 +141,14 @@ FILTERS: dict[str, Kind] = {
                          {"rule": "largest_mean_norm", "n": 1})},
         _check_gmm),
     "kmeans": Kind(
-        "Cluster the latents with k-means and remove the listed clusters.",
+        "Cluster the latents with k-means and remove the listed clusters; with separation, only the "
+        "clusters (the listed ones, or any when none are listed) whose ‖z‖ is separated from the rest's by "
+        "Ashman's D >= separation.",
         {"k": Param("integer", "Number of clusters.", 20, minimum=2, maximum=1000),
          "seed": Param("integer", _SEED.format("k-means"), 0, minimum=0),
-         "remove_ids": Param("ids", "Cluster ids to remove.")},
+         "remove_ids": Param("ids", "Cluster ids to remove.", OPTIONAL),
+         "separation": Param("number", "Remove only clusters whose ‖z‖ is separated from the rest's by at "
+                             "least this Ashman's D (2: two cleanly separated modes).", OPTIONAL, minimum=0)},
         _check_kmeans),
     "norm": Kind(
         "Remove particles whose latent norm ‖z‖ exceeds mean + k_std · std.",
@@ -248,7 +267,7 @@ def check_filter(entry: Any) -> tuple[str, dict]:
 
 # ---- the JSON schema -------------------------------------------------------------------------------------
 _GMM_REMOVE_SCHEMA = {
-    "type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 2,
+    "type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 3,
     "properties": {
         "ids": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1,
                 "description": "Component ids to remove."},
@@ -262,6 +281,10 @@ _GMM_REMOVE_SCHEMA = {
         "factor": {"type": "number", "exclusiveMinimum": 1,
                    "description": "outlying_mean_norm: the multiple of the median ‖z‖ beyond which a "
                                   "component's mean marks it as junk (2 when not given)."},
+        "separation": {"type": "number", "minimum": 0,
+                       "description": "Either rule removes its components only when their ‖z‖ is separated "
+                                      "from the other particles' by Ashman's D >= this (2 when not given; 0 "
+                                      "removes them whatever the separation, as the paper's rule)."},
     },
 }
 

@@ -28,9 +28,17 @@ drgn_core.filter_vocab, shared with the workflow config's schema and `drgn check
   factor × the median ‖z‖ of all particles (never the most populous component). The latter needs no count:
   junk of several kinds forms as many far-out components as it has kinds, and that number is rarely known,
   while a fixed n either leaves a junk component in or takes a particle component out.
-  Component ids are the fitted model's, reported in filter.json and drawn on filter.png.
-- kmeans {k = 20, seed = 0, remove_ids: [...]}: `drgn_core.analysis.kmeans`, the same clustering (same ids)
-  as `drgn analyze` with the same k and seed, so ids read off an analysis can be removed here.
+  Both rules remove their components only when those are separated from the rest (`remove.separation`,
+  default 2): the ‖z‖ of the outer shell of components they would remove must stand apart from the other
+  particles' by Ashman's D >= 2 (`shell_cut`; docs/architecture.md § Outlier removal needs a separation).
+  A mixture always has a component of largest mean ‖z‖, junk or not: without the test, a set without junk
+  loses a fifth of its particles. separation: 0 restores the literal rule.
+  Component ids are the fitted model's, reported in filter.json and drawn on filter.png, with the
+  separation of every allowed shell and the decision.
+- kmeans {k = 20, seed = 0, remove_ids: [...], separation}: `drgn_core.analysis.kmeans`, the same clustering
+  (same ids) as `drgn analyze` with the same k and seed, so ids read off an analysis can be removed here.
+  With separation (and remove_ids or not), only the clusters (among those listed) forming a shell
+  separated by Ashman's D >= separation are removed, as for the gmm rules.
 - norm {k_std = 3}: ‖z‖ > mean(‖z‖) + k_std·std(‖z‖).
 - box {space: pca | umap = pca, xmin, xmax, ymin, ymax (any subset), keep: inside | outside = inside,
   umap: path/to/umap.npy (optional), seed = 0}: a rectangle in the PC1/PC2 plane (the same PCA as
@@ -172,6 +180,59 @@ class FilterResult:
 
 
 
+def ashman_d(outer: np.ndarray, inner: np.ndarray) -> float:
+    """Ashman's D between two samples, signed (positive when `outer` lies above `inner`):
+    D = √2 · (μ_outer − μ_inner) / √(σ²_outer + σ²_inner).
+
+    Ashman, Bird & Zepf (1994, AJ 108:2348) show that a mixture of two Gaussians needs D > 2 for a clean
+    separation of its modes; below that the "two groups" are one skewed or broad group. That is the question
+    the outlier rules must answer before removing anything, so it is the statistic they use.
+    """
+    va, vb = float(np.var(outer)), float(np.var(inner))
+    diff = float(np.mean(outer)) - float(np.mean(inner))
+    if va + vb == 0:
+        return float("inf") if diff > 0 else (0.0 if diff == 0 else float("-inf"))
+    return float(np.sqrt(2.0) * diff / np.sqrt(va + vb))
+
+
+def shell_cut(norms: np.ndarray, labels: np.ndarray, n_groups: int, candidates: set[int],
+              threshold: float) -> tuple[list[int], dict]:
+    """The outer shell of groups (components or clusters) to remove, and the figures behind the decision.
+
+    Groups are ordered by the mean ‖z‖ of their members. Each cut of that order splits the particles into an
+    inner core and an outer shell; a cut is allowed when every group of its shell is a candidate (what the
+    rule would remove: its top n, the far-out ones, the listed ids) and the most populous group stays in the
+    core. The largest allowed shell whose ‖z‖ stands apart from the core's by Ashman's D >= `threshold`
+    (`ashman_d`) is removed (as much as is separated, so junk of several kinds goes together); when no
+    allowed shell reaches it, nothing is removed. So a set without
+    junk, whose components merely tile one blob of latents, loses nothing (its best D stays well under 2),
+    while junk, which the encoder places far from the particles, forms a shell with D far above 2. With
+    threshold 0 every candidate is removed, whatever the separation (the paper's literal rule).
+    """
+    counts = np.bincount(labels, minlength=n_groups)
+    if threshold <= 0:
+        return sorted(candidates), {"separation_threshold": threshold}
+    mean_norm = np.array([norms[labels == c].mean() if counts[c] else -np.inf for c in range(n_groups)])
+    order = [int(c) for c in np.argsort(mean_norm, kind="stable") if counts[c]]
+    biggest = int(np.argmax(counts))
+    cuts = []
+    for k in range(1, len(order)):
+        shell = order[k:]
+        if biggest in shell or not set(shell) <= candidates:
+            continue
+        m = np.isin(labels, shell)
+        cuts.append((ashman_d(norms[m], norms[~m]), sorted(shell)))
+    separated = [c for c in cuts if c[0] >= threshold]
+    # cuts run from the largest shell to the smallest: the first separated one is the largest
+    best = separated[0] if separated else max(cuts, key=lambda c: c[0], default=(None, []))
+    removed = best[1] if separated else []
+    info = {"separation_threshold": threshold,
+            "best_separation": None if best[0] is None else round(best[0], 4),
+            "best_shell": best[1],
+            "separations": [{"shell": shell, "ashman_d": round(d, 4)} for d, shell in cuts]}
+    return removed, info
+
+
 def _gmm(z: np.ndarray, p: dict) -> FilterResult:
     from sklearn.mixture import GaussianMixture
     from threadpoolctl import threadpool_limits
@@ -186,15 +247,18 @@ def _gmm(z: np.ndarray, p: dict) -> FilterResult:
     counts = np.bincount(labels, minlength=p["components"])
     mean_norm = np.array([norms[labels == c].mean() if counts[c] else -np.inf
                           for c in range(p["components"])])
-    extra = {}
+    extra: dict = {}
     if "ids" in p["remove"]:
         ids = p["remove"]["ids"]
-    elif p["remove"]["rule"] == "largest_mean_norm":
-        ids = sorted(np.argsort(-mean_norm, kind="stable")[:p["remove"]["n"]].tolist())
-    else:  # outlying_mean_norm: as many components as lie far out, never the most populous one
-        limit = p["remove"]["factor"] * float(np.median(norms))
-        ids = [c for c in range(p["components"]) if mean_norm[c] > limit and c != int(np.argmax(counts))]
-        extra = {"mean_norm_limit": limit}
+    else:
+        if p["remove"]["rule"] == "largest_mean_norm":
+            cand = set(np.argsort(-mean_norm, kind="stable")[:p["remove"]["n"]].tolist())
+        else:  # outlying_mean_norm: as many components as lie far out, never the most populous one
+            limit = p["remove"]["factor"] * float(np.median(norms))
+            cand = {c for c in range(p["components"]) if mean_norm[c] > limit and c != int(np.argmax(counts))}
+            extra = {"mean_norm_limit": limit}
+        ids, sep = shell_cut(norms, labels, p["components"], cand, p["remove"]["separation"])
+        extra.update(candidates=sorted(int(c) for c in cand), **sep)
     info = {**extra, "component_counts": counts.tolist(),
             "component_mean_norm": [None if not np.isfinite(v) else float(v) for v in mean_norm],
             "removed_components": [int(i) for i in ids], "converged": bool(g.converged_)}
@@ -205,9 +269,14 @@ def _kmeans(z: np.ndarray, p: dict) -> FilterResult:
     from drgn_core.analysis import kmeans
 
     labels, _ = kmeans(z, p["k"], seed=p["seed"])
-    info = {"cluster_counts": np.bincount(labels, minlength=p["k"]).tolist(),
-            "removed_clusters": p["remove_ids"]}
-    return FilterResult("kmeans", p, np.isin(labels, p["remove_ids"]), info, labels)
+    info: dict = {"cluster_counts": np.bincount(labels, minlength=p["k"]).tolist()}
+    ids = p.get("remove_ids", list(range(p["k"])))
+    if "separation" in p:
+        norms = np.linalg.norm(z.astype(np.float64), axis=1)
+        ids, sep = shell_cut(norms, labels, p["k"], set(ids), p["separation"])
+        info.update(sep)
+    info["removed_clusters"] = [int(i) for i in ids]
+    return FilterResult("kmeans", p, np.isin(labels, ids), info, labels)
 
 
 def _box_coords(z: np.ndarray, p: dict, run: Path) -> np.ndarray:
@@ -378,8 +447,12 @@ def _plot(outcomes: list[RunOutcome], kept: np.ndarray, path: Path, seed: int) -
                                rasterized=True)
                     cx, cy = np.median(xy[res.plot_labels == v], axis=0)
                     ax.annotate(str(v), (cx, cy), weight="bold", ha="center")
-            gone = res.info.get("removed_components", res.params.get("remove_ids"))
-            ax.set_title(f"{res.kind} ids (removed: {gone})", fontsize=9)
+            gone = res.info.get("removed_components", res.info.get("removed_clusters"))
+            sep = ""
+            if res.info.get("best_separation") is not None:
+                sep = (f"\nbest shell {res.info['best_shell']}: Ashman's D {res.info['best_separation']:.2f} "
+                       f"(removed if >= {res.info['separation_threshold']:g})")
+            ax.set_title(f"{res.kind} ids (removed: {gone}){sep}", fontsize=9)
         for c in range(col, ncols):
             axes[r, c].axis("off")
     plots.save(fig, path)

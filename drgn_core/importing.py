@@ -281,13 +281,12 @@ _CS_NAMES = {"rlnAngleRot": "alignments3D/pose", "rlnAngleTilt": "alignments3D/p
 
 def find_nonfinite_images(table: ParticleTable, chunk_size: int = 1000) -> list[str]:
     """Problems for images holding NaN or infinite pixels (reads every image once, with a progress bar)."""
-    from tqdm import tqdm
-
     from drgn_core.io.images import ImageSource
+    from drgn_core.progress import progress_bar
 
     src = ImageSource(table)
     bad_rows: list[np.ndarray] = []
-    with tqdm(total=len(table), desc="checking images for NaN", unit="img", leave=False) as bar:
+    with progress_bar(total=len(table), desc="checking images for NaN", unit="img", leave=False) as bar:
         for box in np.unique(src.boxes):  # one read per box size (optics groups may differ)
             rows = np.flatnonzero(src.boxes == box)
             for start, images in src.chunks(chunk_size, rows):

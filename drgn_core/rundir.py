@@ -203,8 +203,7 @@ def write_volumes(run_dir: str | os.PathLike, z: np.ndarray | None, outdir: str 
     needs disk, not 33 GB of memory. `apix` overrides the recorded voxel size; `lowpass_A` and `flip`
     are applied to each volume (drgn volumes --lowpass / --flip). Returns the volume paths.
     """
-    from tqdm import tqdm
-
+    from drgn_core.progress import progress_bar
     from drgn_core.volumes import flip_hand, lowpass, write_volume_series
 
     outdir = Path(outdir)
@@ -227,8 +226,8 @@ def write_volumes(run_dir: str | os.PathLike, z: np.ndarray | None, outdir: str 
         else:
             buf = np.empty((m, D_out, D_out, D_out), dtype=np.float32)
         buf[:len(first)] = finish(first)
-        for a in tqdm(range(DECODE_BATCH, m, DECODE_BATCH), desc=f"volumes {outdir.name}", unit="batch",
-                      file=sys.stderr, disable=m <= 2 * DECODE_BATCH):
+        for a in progress_bar(range(DECODE_BATCH, m, DECODE_BATCH), desc=f"volumes {outdir.name}",
+                              unit="batch", file=sys.stderr, disable=m <= 2 * DECODE_BATCH):
             buf[a:a + DECODE_BATCH] = finish(decode_volumes(run_dir, zs[a:a + DECODE_BATCH], D=D,
                                                             device=device)[0])
         paths = write_volume_series(buf, zs, outdir, vox, prefix=prefix)

@@ -536,13 +536,13 @@ def run_simulation(cfg: SimConfig, outdir: str | os.PathLike, progress: bool = T
 
 def _run(cfg: SimConfig, outdir: Path, progress: bool) -> dict:
     import torch
-    from tqdm import tqdm
 
     from drgn_core.io.atomic import atomic_dir
     from drgn_core.io.cs import write_cs
     from drgn_core.io.mrc import new_mmap_stack
     from drgn_core.io.star import write_relion_star
     from drgn_core.io.table import write_table
+    from drgn_core.progress import progress_bar
 
     cfg.validate()
     _check_outdir(outdir, cfg)
@@ -558,7 +558,7 @@ def _run(cfg: SimConfig, outdir: Path, progress: bool) -> dict:
         stack = new_mmap_stack(tmp / "particles.mrcs", cfg.n, cfg.D, cfg.apix)
         clean = new_mmap_stack(tmp / "clean.mrcs", cfg.n, cfg.D, cfg.apix) if cfg.write_clean else None
         try:
-            with tqdm(total=cfg.n, desc="simulate: render", unit="img", disable=not progress) as bar:
+            with progress_bar(total=cfg.n, desc="simulate: render", unit="img", disable=not progress) as bar:
                 moments = _render_particles(gt, parts, ctf, cfg, tmp / "gt_volumes", stack.data, bar)
                 _render_junk(parts, ctf, cfg, gt.n_atoms, math.sqrt(moments.var), s_junk, stack.data, bar)
             noise_sigma = math.sqrt(moments.var / cfg.snr)
@@ -621,13 +621,13 @@ def _render_junk(parts: Particles, ctf: np.ndarray, cfg: SimConfig, n_atoms: int
 def _add_noise(stack: MrcFile, clean: MrcFile | None, sigma: float, seed: np.random.SeedSequence,
                progress: bool) -> dict:
     """Second pass: add white Gaussian noise of std `sigma` in place, block by block; set header stats."""
-    from tqdm import tqdm
+    from drgn_core.progress import progress_bar
 
     n, D = stack.data.shape[0], stack.data.shape[-1]
     blocks = range(0, n, NOISE_BLOCK)
     seeds = seed.spawn(len(blocks))
     lo, hi, s1, s2, e2, count = math.inf, -math.inf, 0.0, 0.0, 0.0, 0
-    with tqdm(total=n, desc="simulate: noise", unit="img", disable=not progress) as bar:
+    with progress_bar(total=n, desc="simulate: noise", unit="img", disable=not progress) as bar:
         for a, s in zip(blocks, seeds):
             b = min(n, a + NOISE_BLOCK)
             x = np.array(stack.data[a:b], dtype=np.float32)

@@ -197,6 +197,9 @@ def read_filter(path: Path) -> dict:
         name = "/".join(Path(str(r.get("run", "?"))).parts[-2:])
         for f in r.get("filters", []):
             out[f"{name}: {f.get('filter', '?')} removed"] = f.get("removed")
+            if f.get("best_separation") is not None:  # the figure behind a gmm / k-means decision
+                out[f"{name}: {f.get('filter', '?')} separation (Ashman's D, removed if >= "
+                    f"{f.get('separation_threshold', 2):g})"] = f["best_separation"]
         out[f"{name}: kept"] = r.get("kept")
     combined = rep.get("combined", {})
     if combined:

@@ -58,6 +58,7 @@ from drgn_core.models import (
     model_payload,
     vae_loss,
 )
+from drgn_core.progress import progress_bar
 from drgn_core.rundir import resolve_device
 
 CHECKPOINT_FORMAT = "drgnflow-checkpoint/1"
@@ -244,7 +245,7 @@ def encode_latents(model: HetVAE, data: ParticleData, amp: torch.dtype | None = 
     was = model.training
     model.eval()
     mine = dist.shard(np.arange(n))
-    bar = tqdm(total=len(mine), desc="encoding", unit="img", disable=not progress, mininterval=1.0,
+    bar = progress_bar(total=len(mine), desc="encoding", unit="img", disable=not progress, mininterval=1.0,
                file=sys.stderr)
     for b in data.batches(mine, batch_size):
         with torch.autocast(b.y.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
@@ -686,8 +687,8 @@ def run_epoch(model: HetVAE, opt: torch.optim.Optimizer, gen: torch.Generator, d
     n_img = state.sums[3]
     params = [p for p in model.parameters() if p.requires_grad]
     step_rows: list[str] = []
-    bar = tqdm(total=steps, initial=state.step, desc=f"epoch {state.epoch + 1}/{tcfg.epochs}", unit="batch",
-               disable=not progress, leave=False, mininterval=1.0, file=sys.stderr)
+    bar = progress_bar(total=steps, initial=state.step, desc=f"epoch {state.epoch + 1}/{tcfg.epochs}",
+                       unit="batch", disable=not progress, leave=False, mininterval=1.0, file=sys.stderr)
     t0 = last_save = time.perf_counter()
     seconds0 = state.seconds
     for batch in data.batches(order, tcfg.batch_size, start=state.step * tcfg.batch_size, rank=dist.rank,

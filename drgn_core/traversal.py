@@ -135,7 +135,8 @@ def knn_exact(z: np.ndarray, k: int, device: str = "auto",
     error.
     """
     import torch
-    from tqdm import tqdm
+
+    from drgn_core.progress import progress_bar
 
     n = len(z)
     k = min(k, n - 1)
@@ -144,7 +145,7 @@ def knn_exact(z: np.ndarray, k: int, device: str = "auto",
     z_sq = (zt * zt).sum(1)
     out_i = np.empty((n, k), dtype=np.int64)
     blk = _block(query_block)
-    for a in tqdm(range(0, n, query_block), desc="neighbours", unit="block", file=sys.stderr,
+    for a in progress_bar(range(0, n, query_block), desc="neighbours", unit="block", file=sys.stderr,
                   disable=n <= 4 * query_block):
         q = zt[a:a + query_block]
         qi = torch.arange(a, a + len(q), device=dev)

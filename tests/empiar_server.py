@@ -5,7 +5,10 @@ It serves `/api/entry/EMPIAR-N/` (JSON with loose types, as EBI does: sizes and 
 ephemeral port, and shuts itself down after `lifetime` seconds if a test forgets to. Misbehaviours are
 switched on per instance: 503 above `max_connections` concurrent requests, a per-connection rate limit,
 a listing that omits a file once, a connection dropped mid-file once, a wrong Content-Length once, a file
-replaced (new size) after some bytes were served. It counts the file bytes it sends.
+replaced (new size) after some bytes were served. It counts the file bytes it sends, in all (`bytes_sent`)
+and per file (`served`), and its largest number of requests in progress at once (`peak`): a request counts
+from its arrival until just before its last byte goes out, so a client that opens its next request as soon
+as it has read a response is not counted twice.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class FakeEmpiar:
         self.entries = entries  # "EMPIAR-N" -> API body
         self.max_connections = max_connections
         self.rate = rate  # bytes/s per connection, None = unlimited
+        self.block = 16384  # bytes per write: what a client killed mid-transfer loses per connection
         self.omit_once: set[str] = set()  # "N/data/x" omitted from the next listing that would show it
         self.drop_once: dict[str, int] = {}  # "N/data/x" -> drop after this many body bytes, once
         self.bad_length_once: set[str] = set()  # claim 4096 more bytes than sent, once
@@ -36,7 +40,7 @@ class FakeEmpiar:
         self.peak = 0
         self._active = 0
         self._lock = threading.Lock()
-        self._served: dict[str, int] = {}
+        self.served: dict[str, int] = {}  # "N/data/x" -> file bytes sent
         handler = type("Handler", (_Handler,), {"app": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
@@ -97,18 +101,26 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._plain(404, "Not Found")
         finally:
-            if not getattr(self, "_released", False):
-                with app._lock:
-                    app._active -= 1
+            self._release()
             self._released = False
+
+    def _release(self) -> None:
+        """Stop counting this request (once): called just before its last byte goes out."""
+        if not getattr(self, "_released", False):
+            with self.app._lock:
+                self.app._active -= 1
+            self._released = True
 
     def _plain(self, code: int, text: str, ctype: str = "text/plain") -> None:
         body = text.encode()
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
+        if self.command == "HEAD" or not body:
+            self._release()
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command != "HEAD" and body:
+            self._release()
             self.wfile.write(body)
 
     def _api(self, acc: str) -> None:
@@ -144,6 +156,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{size}")
                 self.send_header("Content-Length", "0")
+                self._release()
                 self.end_headers()
                 return
             partial = True
@@ -164,30 +177,29 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(claimed))
         if partial:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        if head or not body:
+            self._release()
         self.end_headers()
         if head:
             return
         limit = len(body) if drop_at is None else drop_at
-        block = 16384
-        released = False
+        block = app.block
         t0 = time.monotonic()
         sent = 0
         try:
             while sent < limit:
                 piece = body[sent:min(sent + block, limit)]
-                if sent + len(piece) >= len(body) and not released:
+                if sent + len(piece) >= len(body):
                     # The connection stops counting before its last byte goes out: a client that reads
                     # that byte and opens its next request at once must not see a spurious 503.
-                    with app._lock:
-                        app._active -= 1
-                    released = self._released = True
+                    self._release()
                 self.wfile.write(piece)
                 sent += len(piece)
                 with app._lock:
                     app.bytes_sent += len(piece)
-                    app._served[key] = app._served.get(key, 0) + len(piece)
+                    app.served[key] = app.served.get(key, 0) + len(piece)
                     swap = app.replace_after.get(key)
-                    if swap and app._served[key] >= swap[0]:
+                    if swap and app.served[key] >= swap[0]:
                         del app.replace_after[key]
                         target.write_bytes(swap[1])
                 if app.rate:
@@ -198,6 +210,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             return
         if drop_at is not None or claimed != len(body):
+            self._release()
             self.close_connection = True
             self.connection.shutdown(2)  # a drop: the client sees fewer bytes than announced
 

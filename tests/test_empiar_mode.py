@@ -39,7 +39,8 @@ def test_paper_configs_check_and_dry_run_offline(name, tmp_path, capsys):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "fetch_empiar             1" in out and "import_particles         1" in out
-    assert f"drgn fetch {accession} -o data/{name} --include " in out
+    assert f"drgn fetch {accession} -o data/{name} " in out
+    assert f"--stacks-of data/{name}/" in out  # the stacks follow from the particle file
     assert not (tmp_path / "data").exists()
 
 
@@ -93,57 +94,76 @@ def _relion30(sim: Path, star_out: Path, stack_name: str) -> None:
     starfile.write({"": pd.DataFrame(df)}, star_out, overwrite=True)
 
 
-@pytest.mark.slow
-def test_empiar_mode_end_to_end_equals_star_mode(tmp_path):
-    sim = tmp_path / "sim"
-    subprocess.run(["drgn", "simulate", "-o", str(sim), "--n", "400", "-D", "32", "--snr", "0.5",
-                    "--junk-fraction", "0.15", "--seed", "0"], env=env(), check=True, capture_output=True)
-    # The entry as EMPIAR lays it out: a RELION 3.0 STAR and a stack with a .mrc name; the poses are a
-    # cryoSPARC .cs published elsewhere (served here under inputs/, fetched by URL with its sha256).
-    entry = tmp_path / "srv" / "10999" / "data"
-    entry.mkdir(parents=True)
-    shutil.copy(sim / "particles.mrcs", entry / "L17_stack.mrc")
-    _relion30(sim, entry / "Parameters.star", "L17_stack.mrc")
-    (tmp_path / "srv" / "inputs").mkdir()
-    shutil.copy(sim / "particles.cs", tmp_path / "srv" / "inputs" / "consensus.cs")
-    (entry / "unrelated_map.mrc").write_bytes(b"\0" * 2048)  # in the entry, not in the include globs
-    sha = hashlib.sha256((sim / "particles.cs").read_bytes()).hexdigest()
-
-    # TINY_CONFIG with one pilot and two epochs a run: the test trains twice.
+def _tiny() -> dict:
+    """TINY_CONFIG with one pilot and two epochs a run: each run trains twice."""
     tiny = copy.deepcopy(TINY_CONFIG)
     del tiny["simulate"]
     tiny["pilot"].update(zdims=[10], train={**tiny["pilot"]["train"], "epochs": 2})
     tiny["filter"]["pilots"] = tiny["filter"]["pilots"][1:]
     tiny["highres"]["train"]["epochs"] = 2
     tiny["validate"] = {"n_fsc": 4, "ground_truth": False}
-    with FakeEmpiar(tmp_path / "srv", {"EMPIAR-10999": api_body("10999")}, lifetime=900) as srv:
+    return tiny
+
+
+def empiar_config(srv: FakeEmpiar, sha: str) -> dict:
+    """The empiar-mode config of the end-to-end run, for a server `srv` serving the entry."""
+    return {**_tiny(), "input": {"mode": "empiar"}, "empiar": {
+        "accession": "EMPIAR-10999", "include": ["data/Parameters.star", "data/L17*"],
+        "particles": {"file": "data/Parameters.star"},
+        "poses": {"url": f"{srv.data_base}/inputs/consensus.cs", "checksum": f"sha256:{sha}"},
+        "datadir": "data", "folder": "fetched", "connections": 4,
+        "api_base": srv.api_base, "data_base": srv.data_base}}
+
+
+@pytest.fixture(scope="module")
+def empiar_run(tmp_path_factory):
+    """One uninterrupted empiar-mode run of the README's command on the loopback server, whose listing
+    leaves out the particle file once and the stack it names once: the one command completes anyway.
+    Returns (root, sim folder, served entry folder, poses sha256)."""
+    root = tmp_path_factory.mktemp("empiar")
+    sim = root / "sim"
+    subprocess.run(["drgn", "simulate", "-o", str(sim), "--n", "400", "-D", "32", "--snr", "0.5",
+                    "--junk-fraction", "0.15", "--seed", "0"], env=env(), check=True, capture_output=True)
+    # The entry as EMPIAR lays it out: a RELION 3.0 STAR and a stack with a .mrc name; the poses are a
+    # cryoSPARC .cs published elsewhere (served here under inputs/, fetched by URL with its sha256).
+    entry = root / "srv" / "10999" / "data"
+    entry.mkdir(parents=True)
+    shutil.copy(sim / "particles.mrcs", entry / "L17_stack.mrc")
+    _relion30(sim, entry / "Parameters.star", "L17_stack.mrc")
+    (root / "srv" / "inputs").mkdir()
+    shutil.copy(sim / "particles.cs", root / "srv" / "inputs" / "consensus.cs")
+    (entry / "unrelated_map.mrc").write_bytes(b"\0" * 2048)  # in the entry, not in the include globs
+    sha = hashlib.sha256((sim / "particles.cs").read_bytes()).hexdigest()
+    with FakeEmpiar(root / "srv", {"EMPIAR-10999": api_body("10999")}, lifetime=900) as srv:
         srv.omit_once.add("10999/data/Parameters.star")  # the listing forgets it once: found anyway
-        emp = write_config(tmp_path / "emp", {**tiny, "input": {"mode": "empiar"}, "empiar": {
-            "accession": "EMPIAR-10999", "include": ["data/Parameters.star", "data/L17*"],
-            "particles": {"file": "data/Parameters.star"},
-            "poses": {"url": f"{srv.data_base}/inputs/consensus.cs", "checksum": f"sha256:{sha}"},
-            "datadir": "data", "folder": "fetched", "connections": 4,
-            "api_base": srv.api_base, "data_base": srv.data_base}})
-        run_snakemake(tmp_path / "emp", emp, "--cores", "2", timeout=900)
-        fetched = tmp_path / "emp" / "fetched"
+        srv.omit_once.add("10999/data/L17_stack.mrc")  # ... and the stack: fetched as the STAR names it
+        emp = write_config(root / "emp", empiar_config(srv, sha))
+        run_snakemake(root / "emp", emp, "--profile", str(REPO / "profiles" / "local"), "--cores", "2",
+                      timeout=900)
+        fetched = root / "emp" / "fetched"
         assert (fetched / "data" / "L17_stack.mrc").read_bytes() == (sim / "particles.mrcs").read_bytes()
         assert not (fetched / "data" / "unrelated_map.mrc").exists()
         # A finished run has nothing left to do, and the fetch is not repeated.
         sent = srv.bytes_sent
-        assert dry_run(tmp_path / "emp", emp)[0] == {}
+        assert dry_run(root / "emp", emp)[0] == {}
         assert srv.bytes_sent == sent
+    return root, sim, entry, sha
 
+
+@pytest.mark.slow
+def test_empiar_mode_end_to_end_equals_star_mode(empiar_run):
+    root, sim, entry, _ = empiar_run
     # The same files, local, in star mode.
-    local = tmp_path / "star" / "local"
+    local = root / "star" / "local"
     local.mkdir(parents=True)
     for f in ("Parameters.star", "L17_stack.mrc"):
         shutil.copy(entry / f, local / f)
     shutil.copy(sim / "particles.cs", local / "consensus.cs")
-    star = write_config(tmp_path / "star", {**tiny, "input": {
+    star = write_config(root / "star", {**_tiny(), "input": {
         "mode": "star", "path": "local/Parameters.star", "poses": "local/consensus.cs"}})
-    run_snakemake(tmp_path / "star", star, "--cores", "2", timeout=900)
+    run_snakemake(root / "star", star, "--cores", "2", timeout=900)
 
-    a, b = tmp_path / "emp" / "results", tmp_path / "star" / "results"
+    a, b = root / "emp" / "results", root / "star" / "results"
     # The imported table is the simulator's truth: same poses, shifts and CTF, row for row.
     truth, got = read_table(sim / "table.star"), read_table(a / "data" / "table.star")
     assert got.apix == 3.0 and got.box == 32 and got.n == truth.n == 400
@@ -164,3 +184,99 @@ def test_empiar_mode_end_to_end_equals_star_mode(tmp_path):
         del m["run"], m["filter"]["dir"]
     assert metrics[0] == metrics[1]
     assert metrics[0]["filter"]["true_junk"] == 60 and metrics[0]["per_image_fsc"]["n_images"] == 4
+
+
+@pytest.mark.slow
+def test_empiar_mode_exports_the_poses_cs_with_the_kept_uids(empiar_run):
+    """The poses came from a .cs: the export rule wrote its subset (cryosparc-tools loads it, with the uids
+    of exactly the kept particles) and a RELION STAR that re-imports to the same poses."""
+    from cryosparc.dataset import Dataset
+
+    root, _, entry, _ = empiar_run
+    res = root / "emp" / "results"
+    kept = np.load(res / "filter" / "kept.npy")
+    table = read_table(res / "data" / "table.star")
+    exported = sorted((res / "export").glob("*.poses.cs"))
+    assert len(exported) == 1
+    sub = Dataset.load(exported[0])
+    all_uids = np.asarray(Dataset.load(root / "srv" / "inputs" / "consensus.cs")["uid"], dtype=np.uint64)
+    np.testing.assert_array_equal(np.sort(np.asarray(sub["uid"], dtype=np.uint64)),
+                                  np.sort(all_uids[table.poses_rows()[kept]]))
+    assert exported[0].with_suffix(".csg").exists()
+    relion = exported[0].with_name(exported[0].name.replace(".poses.cs", ".relion.star"))
+    again = root / "reimported.star"
+    assert main(["import", str(relion), "--datadir", str(entry), "-o", str(again)]) == 0
+    back = read_table(again)
+    np.testing.assert_allclose(back.poses(), table.subset(np.sort(kept)).poses(), atol=1e-4)
+
+
+KILL_STAGES = ["fetch", "import", "downsample", "pilot", "filter", "highres", "analyze", "export"]
+EXACT = {".npy", ".star", ".cs", ".csg", ".mrcs", ".txt"}  # byte for byte; maps (.mrc) to fp32 tolerance
+
+
+def _without_created(path: Path) -> bytes:
+    """A file's bytes; for a cryoSPARC .csg, less its `created:` line (when the export ran, by design)."""
+    raw = path.read_bytes()
+    if path.suffix == ".csg":
+        raw = b"".join(ln for ln in raw.splitlines(keepends=True) if not ln.startswith(b"created:"))
+    return raw
+
+
+@pytest.mark.slow
+def test_workflow_killed_at_any_moment_ends_the_same(empiar_run):
+    """SIGKILL Snakemake and its jobs (the process group) once in each stage, at a seeded moment after the
+    stage's first job starts, rerunning the README's command each time; the last rerun completes, and every
+    output equals the uninterrupted run's (the fixture's), in the same folder (paths are recorded).
+    Runs last: it moves the fixture's results aside."""
+    import os
+    import signal
+    import time
+
+    from conftest_workflow import snakemake_cmd
+
+    root, _, _, sha = empiar_run
+    work = root / "emp"
+    ref = root / "reference"
+    shutil.move(work / "results", ref)
+    for d in ("fetched", ".snakemake"):
+        shutil.rmtree(work / d, ignore_errors=True)
+    rng = np.random.default_rng(22)
+    profile = ["--profile", str(REPO / "profiles" / "local"), "--cores", "2"]
+    killed = []
+    with FakeEmpiar(root / "srv", {"EMPIAR-10999": api_body("10999")}, lifetime=1800) as srv:
+        cfg = write_config(work, empiar_config(srv, sha))
+        for stage in KILL_STAGES:
+            t0 = time.time()
+            proc = subprocess.Popen(snakemake_cmd(work, cfg, *profile), cwd=work, env=env(),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+            logs = work / "results" / "logs" / stage
+            while proc.poll() is None and time.time() - t0 < 600:
+                if logs.is_dir() and any(p.stat().st_mtime >= t0 for p in logs.glob("*.log")):
+                    break
+                time.sleep(0.05)
+            if proc.poll() is None:
+                time.sleep(rng.uniform(0.1, 1.5))
+                os.killpg(proc.pid, signal.SIGKILL)
+            killed.append((stage, proc.wait()))
+        run_snakemake(work, cfg, *profile, timeout=900)
+    assert sum(rc == -signal.SIGKILL for _, rc in killed) >= 8, killed
+    differ, compared = [], 0
+    for a in sorted(ref.rglob("*")):
+        rel = a.relative_to(ref)
+        if not a.is_file() or rel.parts[0] in ("logs", "benchmarks"):
+            continue
+        b = work / "results" / rel
+        assert b.exists(), rel
+        if a.suffix == ".mrc":
+            import mrcfile
+
+            with mrcfile.open(a, permissive=True) as x, mrcfile.open(b, permissive=True) as y:
+                if not np.allclose(x.data, y.data, rtol=1e-5, atol=1e-6 * float(np.abs(x.data).max())):
+                    differ.append(str(rel))
+            compared += 1
+        elif a.suffix in EXACT:
+            if _without_created(a) != _without_created(b):
+                differ.append(str(rel))
+            compared += 1
+    assert compared > 20 and differ == [], (killed, differ)

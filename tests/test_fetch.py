@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,7 +121,9 @@ def test_full_fetch_survives_omission_drop_and_wrong_length(server, tmp_path, ca
 def test_503_above_eight_connections_is_retried(server, tmp_path):
     out = tmp_path / "out"
     server.rate = 4e6  # slow enough that 12 requests overlap
-    assert main(_args(server, out, *INCLUDE, "--connections", "12", "--chunk-size", "64K")) == 0
+    server.max_connections = 4  # well below 12, so that 503s come however the machine schedules us
+    assert main(_args(server, out, *INCLUDE, "--connections", "12", "--chunk-size", "64K", "--retries",
+                      "30")) == 0
     assert server.refused > 0
     _same(out, server.files, [f"data/stacks/L17_{k}.mrcs" for k in range(3)])
 
@@ -245,7 +248,9 @@ def test_url_with_git_blob_checksum(server, tmp_path, capsys):
     got = hashlib.sha256(server.files[name]).hexdigest()
     assert err == (f"drgn fetch: error: {url}: sha256 checksum is {got}, expected {'1' * 64}; the download "
                    "was deleted (the URL serves other content than the one expected)")
-    assert not list((tmp_path / "x").iterdir())
+    # Nothing but the folder's (empty) fetch lock, which stays: unlinking a lock file races other fetches.
+    assert [p.name for p in (tmp_path / "x").iterdir()] == [".drgn-fetch.lock"]
+    assert (tmp_path / "x" / ".drgn-fetch.lock").stat().st_size == 0
 
 
 def _limit_fsize(limit: int):
@@ -287,3 +292,51 @@ def test_complete_files_without_a_record_are_adopted_not_refetched(server, tmp_p
     assert server.bytes_sent == sent
     assert (out / "drgn-fetch-manifest.json").read_text() == manifest
     assert not (out / "data" / "stacks" / ".L17_0.mrcs.part.idx").exists()
+
+
+def test_stacks_of_fetches_referenced_stacks_by_exact_path(server, tmp_path, capsys):
+    """--include names the particle file alone; the stacks it names come by exact path, even the one the
+    listing would leave out. A stack the server does not serve stops the fetch (exit 2, one line naming it
+    and the URL tried); once it is served, the same command completes."""
+    out = tmp_path / "out"
+    star = server.root / "10999" / "data" / "Parameters.star"
+    star.write_text("data_\nloop_\n_rlnImageName #1\n1@stacks/L17_0.mrcs\n2@stacks/L17_2.mrcs\n"
+                    "1@stacks/L17_2.mrcs\n1@stacks/late.mrcs\n")
+    server.files["data/Parameters.star"] = star.read_bytes()
+    server.omit_once.add("10999/data/stacks/L17_2.mrcs")
+    argv = _args(server, out, "--include", "data/Parameters.star", "--stacks-of",
+                 str(out / "data" / "Parameters.star"))
+    url = f"{server.data_base}/10999/data/stacks/late.mrcs"
+    assert _error(capsys, argv) == (
+        f"drgn fetch: error: stack stacks/late.mrcs named by {out / 'data' / 'Parameters.star'} is not on "
+        f"disk and not served (tried {url}); the fetch is not complete, run again once the server serves it "
+        "(or fix empiar.datadir)")
+    _same(out, server.files, ["data/Parameters.star", "data/stacks/L17_0.mrcs", "data/stacks/L17_2.mrcs"])
+    assert not (out / "data" / "stacks" / "L17_1.mrcs").exists()  # not named: not fetched
+    shutil.copy(server.root / "10999" / "data" / "stacks" / "L17_1.mrcs",
+                server.root / "10999" / "data" / "stacks" / "late.mrcs")
+    assert main(argv) == 0
+    assert (out / "data" / "stacks" / "late.mrcs").read_bytes() == server.files["data/stacks/L17_1.mrcs"]
+    assert [r for r in server.requests if r[1].endswith("/stacks/")] == []  # the stacks' folder: never listed
+    manifest = json.loads((out / "drgn-fetch-manifest.json").read_text())["files"]
+    assert sorted(manifest) == ["data/Parameters.star", "data/stacks/L17_0.mrcs", "data/stacks/L17_2.mrcs",
+                                "data/stacks/late.mrcs"]
+
+
+def test_second_fetch_into_a_folder_waits_for_the_first(server, tmp_path):
+    """Two fetches into one folder (a workflow rerun while the killed run's fetch still goes on) would
+    finish the same files twice: the second waits for the first's lock, then finds everything done."""
+    import threading
+
+    from drgn_core.fetch.connections import folder_lock
+
+    out = tmp_path / "out"
+    result = {}
+    with folder_lock(out):
+        t = threading.Thread(target=lambda: result.setdefault("rc", main(_args(server, out, *INCLUDE))))
+        t.start()
+        time.sleep(1.0)
+        assert t.is_alive() and server.bytes_sent == 0  # waiting, not fetching
+    t.join(60)
+    assert result["rc"] == 0
+    _same(out, server.files, ["data/Parameters.star"] + [f"data/stacks/L17_{k}.mrcs" for k in range(3)])

@@ -40,7 +40,7 @@ def test_schema_defaults_equal_the_table_defaults(entry):
     assert check_filter(entry)[1] == {
         "threshold": {"dim": 0, "op": "<=", "value": -1.0},
         "gmm": {"components": 5, "covariance": "full", "seed": 0,
-                "remove": {"rule": "largest_mean_norm", "n": 1}},
+                "remove": {"rule": "largest_mean_norm", "n": 1, "separation": 2.0}},
         "kmeans": {"k": 20, "seed": 0, "remove_ids": [3]},
         "norm": {"k_std": 3.0},
         "box": {"space": "pca", "xmin": 0.0, "keep": "inside", "seed": 0},

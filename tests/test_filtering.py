@@ -94,8 +94,12 @@ def test_gmm_outlying_mean_norm_removes_every_far_component_and_only_those(tmp_p
     info = out.results[0].info
     median = float(np.median(np.linalg.norm(z.astype(np.float64), axis=1)))
     assert info["mean_norm_limit"] == pytest.approx(2 * median)
-    assert out.results[0].params["remove"] == {"rule": "outlying_mean_norm", "factor": 2.0}
-    assert removed({"rule": "largest_mean_norm", "n": 3}).removed.sum() > (lab >= 3).sum()
+    assert out.results[0].params["remove"] == {"rule": "outlying_mean_norm", "factor": 2.0, "separation": 2.0}
+    assert info["best_shell"] == out.results[0].info["removed_components"] and info["best_separation"] > 5
+    # The paper's literal rule with n: 3 takes a state out; with the separation test (the default) only
+    # the separated shell of the three candidates goes: the two junk components.
+    assert removed({"rule": "largest_mean_norm", "n": 3, "separation": 0}).removed.sum() > (lab >= 3).sum()
+    np.testing.assert_array_equal(removed({"rule": "largest_mean_norm", "n": 3}).removed, lab >= 3)
     # a factor so large that nothing is far enough: nothing is removed
     assert removed({"rule": "outlying_mean_norm", "factor": 100}).removed.sum() == 0
     for bad, msg in (({"rule": "outlying_mean_norm", "factor": 1}, "'remove.factor' must be a number > 1"),

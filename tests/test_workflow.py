@@ -148,12 +148,14 @@ def test_schema_describes_every_key_and_defaults_every_optional_one():
     schema = load_schema()
     assert _keys_missing(schema, schema, "", "description") == []
     # Keys without a default are present only when chosen: the filter kinds (a filter is exactly one of
-    # them), how a GMM names what it removes (ids, or a rule with its count n or factor), a box's edges and
-    # optional UMAP file (a missing edge is open).
+    # them), how a GMM names what it removes (ids, or a rule with its count n or factor, and its
+    # separation), k-means' ids and separation (either or both), a box's edges and optional UMAP file (a
+    # missing edge is open).
     item = "filter.pilots[].filters[]"
     kinds = ("threshold", "gmm", "kmeans", "norm", "box", "selection")
     alternatives = [f"{item}.{k}: default" for k in kinds]
-    alternatives += [f"{item}.gmm.remove.{k}: default" for k in ("ids", "rule", "n", "factor")]
+    alternatives += [f"{item}.gmm.remove.{k}: default" for k in ("ids", "rule", "n", "factor", "separation")]
+    alternatives += [f"{item}.kmeans.{k}: default" for k in ("remove_ids", "separation")]
     alternatives += [f"{item}.box.{k}: default" for k in ("xmin", "xmax", "ymin", "ymax", "umap")]
     assert sorted(_keys_missing(schema, schema, "", "default")) == sorted(alternatives)
 

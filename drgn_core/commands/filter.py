@@ -25,11 +25,15 @@ norm {k_std: 3} (removes ‖z‖ > mean + 3 std); box {space: pca|umap, xmin, xm
 keep: inside|outside, umap: analyze/umap.npy}; selection {path: picked.npy, keep: inside|outside} (a saved
 index file of table rows, e.g. hand-picked in the explorer). gmm remove may also be {ids: [..]}, or
 {rule: outlying_mean_norm, factor: 2}: every component whose mean ‖z‖ exceeds 2 × the median ‖z‖ (junk
-of several kinds, without knowing how many).
+of several kinds, without knowing how many). Either rule removes its components only when they stand
+apart from the rest: Ashman's D between their ‖z‖ and the other particles' ≥ remove.separation (default 2;
+0: remove whatever the separation, the paper's literal rule), so a set without junk loses nothing;
+kmeans {k, separation: 2} removes the clusters separated so (among remove_ids, if given).
 
 Outputs: kept.npy/.txt, removed.npy/.txt (sorted int64 rows), filter.json (the resolved spec, counts
 per filter, per run and combined, seeds; with --table, precision/recall/F1 of removed vs drgnGtJunk),
-filter.png (latents coloured kept/removed, and cluster ids). Same spec and data → identical outputs.
+filter.png (latents coloured kept/removed, and cluster ids, with the separation behind each gmm/k-means
+decision; filter.json lists the D of every candidate shell). Same spec and data → identical outputs.
 
 Examples:
   drgn filter --spec filter.yaml -o results/filter --table data/table.star

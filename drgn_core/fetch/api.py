@@ -14,6 +14,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from drgn_core.errors import DrgnError
+from drgn_core.fetch.connections import LIMIT
 
 DEFAULT_API_BASE = "https://www.ebi.ac.uk/empiar/api"
 DEFAULT_DATA_BASE = "https://ftp.ebi.ac.uk/empiar/world_availability"
@@ -101,7 +102,7 @@ def fetch_entry(accession: str, api_base: str = DEFAULT_API_BASE, timeout: float
     acc, _ = normalize_accession(accession)
     url = f"{api_base.rstrip('/')}/entry/{acc}/"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with LIMIT.slot(), urllib.request.urlopen(url, timeout=timeout) as r:
             raw = r.read()
     except urllib.error.HTTPError as e:
         if e.code == 404:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drgn_core.errors import DrgnError
+from drgn_core.fetch.connections import LIMIT, folder_lock
 from drgn_core.fetch.verify import Manifest, check_mrc, compute_checksum, is_mrc_name, sha256_file
 
 IDX_HEADER = 512  # bytes of JSON header (space padded) before the per-chunk counters
@@ -124,11 +125,11 @@ def probe_size(url: str, opts: FetchOptions) -> int:
     """The server's exact size of `url`: Content-Length of a HEAD, else the total of a 1-byte Range."""
 
     def once() -> int:
-        with _open_range(url, None, None, opts.timeout, method="HEAD") as r:
+        with LIMIT.slot(), _open_range(url, None, None, opts.timeout, method="HEAD") as r:
             length = r.headers.get("Content-Length")
         if length is not None and length.strip().isdigit():
             return int(length)
-        with _open_range(url, 0, 1, opts.timeout) as r:
+        with LIMIT.slot(), _open_range(url, 0, 1, opts.timeout) as r:
             total = _content_range_total(r.headers.get("Content-Range"))
         if total is None:
             raise DrgnError(f"{url}: the server gives no size (no Content-Length, no Content-Range)")
@@ -180,6 +181,7 @@ class Partial:
         self.fd = os.open(self.part, os.O_RDWR)
         self.idx_fd = os.open(self.idx, os.O_RDWR)
         self.lock = threading.Lock()
+        self.finished = False
         self.remaining_chunks = sum(1 for i in range(self.n_chunks) if self.start(i) < self.end(i))
 
     def _recorded_chunk(self) -> int | None:
@@ -266,6 +268,11 @@ def _fetch_chunk(p: Partial, i: int, opts: FetchOptions, stop: threading.Event, 
 
 
 def _stream(p: Partial, i: int, opts: FetchOptions, stop: threading.Event, bar) -> None:
+    with LIMIT.slot():  # held until the response is closed: the connection limit counts every request
+        _stream_held(p, i, opts, stop, bar)
+
+
+def _stream_held(p: Partial, i: int, opts: FetchOptions, stop: threading.Event, bar) -> None:
     url = p.remote.url
     start, end = p.start(i), p.end(i)
     r = _open_range(url, start, end, opts.timeout)
@@ -296,7 +303,9 @@ def _stream(p: Partial, i: int, opts: FetchOptions, stop: threading.Event, bar) 
         pos = start
         while pos < end and not stop.is_set():
             try:
-                data = r.read(min(PIECE, end - pos))
+                # read1: whatever has arrived (up to PIECE) is written at once, so a kill or a dropped
+                # connection loses only what is still in the socket, not a half-filled 64 KiB buffer.
+                data = r.read1(min(PIECE, end - pos))
             except (http.client.IncompleteRead, http.client.HTTPException, ConnectionError,
                     TimeoutError, OSError) as e:
                 raise _Transient(f"connection dropped at byte {pos} ({type(e).__name__})") from None
@@ -313,7 +322,16 @@ def _stream(p: Partial, i: int, opts: FetchOptions, stop: threading.Event, bar) 
 
 
 def _finish(p: Partial, outdir: Path, manifest: Manifest) -> None:
-    """Check a file whose chunks are all in, then rename it into place and record it."""
+    """Check a file whose chunks are all in, then rename it into place and record it.
+
+    Exactly one caller finishes a file: the flag is taken under the file's lock, so a second caller (there
+    should be none: the last chunk's worker, or the one task of a file that was complete at start) returns
+    at once instead of renaming a `.part` that is already gone.
+    """
+    with p.lock:
+        if p.finished:
+            return
+        p.finished = True
     p.close()
     rel, url = p.remote.rel, p.remote.url
     on_disk = p.part.stat().st_size
@@ -346,11 +364,11 @@ def check_existing(files: list[RemoteFile], outdir: Path, manifest: Manifest,
 
     Re-hashing what a finished fetch brought takes minutes for 100 GB (disk speed), hence its own bar.
     """
-    from tqdm import tqdm
+    from drgn_core.progress import progress_bar
 
     todo, problems = [], []
     recorded = [f for f in files if f.rel in manifest.files and (outdir / f.rel).exists()]
-    bar = tqdm(total=sum(manifest.files[f.rel]["size"] for f in recorded), unit="B", unit_scale=True,
+    bar = progress_bar(total=sum(manifest.files[f.rel]["size"] for f in recorded), unit="B", unit_scale=True,
                unit_divisor=1024, desc="verify", file=sys.stderr,
                disable=not (opts.progress and opts.verify_existing and recorded))
     for f in files:
@@ -398,12 +416,17 @@ def fetch_files(files: list[RemoteFile], outdir: str | os.PathLike, opts: FetchO
     """Fetch `files` (sizes probed where unknown) into outdir; returns a summary dict.
 
     Files recorded in the manifest and unchanged on disk are skipped without any request, so a re-run of
-    a finished fetch is a no-op.
+    a finished fetch is a no-op. One process at a time works in a folder (`connections.folder_lock`), and
+    every request of this process shares one limit of `opts.connections` connections.
     """
-    from tqdm import tqdm
+    LIMIT.set(opts.connections)
+    with folder_lock(outdir, quiet=not opts.progress):
+        return _fetch_locked(files, Path(outdir), opts)
 
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+
+def _fetch_locked(files: list[RemoteFile], outdir: Path, opts: FetchOptions) -> dict:
+    from drgn_core.progress import progress_bar
+
     manifest = Manifest(outdir)
     todo, problems = check_existing(files, outdir, manifest, opts)
     if problems:
@@ -440,7 +463,7 @@ def fetch_files(files: list[RemoteFile], outdir: str | os.PathLike, opts: FetchO
         already = sum(p.bytes_done for p in parts)
         total = sum(p.size for p in parts)
         stop = threading.Event()
-        with tqdm(total=total, initial=already, unit="B", unit_scale=True, unit_divisor=1024,
+        with progress_bar(total=total, initial=already, unit="B", unit_scale=True, unit_divisor=1024,
                   desc="fetch", file=sys.stderr, disable=not opts.progress, smoothing=0.1) as bar, \
                 ThreadPoolExecutor(max_workers=max(1, opts.connections)) as pool:
 

@@ -15,6 +15,7 @@ import urllib.request
 from html.parser import HTMLParser
 
 from drgn_core.errors import DrgnError
+from drgn_core.fetch.connections import LIMIT
 
 GLOB_CHARS = set("*?[")
 
@@ -86,7 +87,7 @@ def is_literal(pattern: str) -> bool:
 
 def read_page(url: str, timeout: float = 60.0) -> str:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with LIMIT.slot(), urllib.request.urlopen(url, timeout=timeout) as r:
             return r.read().decode("utf-8", errors="replace")
     except urllib.error.HTTPError as e:
         raise DrgnError(f"{url}: cannot read the directory listing (HTTP {e.code} {e.reason})") from None

@@ -19,20 +19,31 @@ LISTING_RETRIES = 2
 
 
 def plan_entry(accession: str, include: list[str], api_base: str, data_base: str,
-               opts: FetchOptions) -> tuple[api.Entry, list[RemoteFile]]:
-    """The entry's metadata and the files to fetch (relative paths as on the server, e.g. data/x.mrcs)."""
+               opts: FetchOptions, walk_all: bool = True) -> tuple[api.Entry, list[RemoteFile]]:
+    """The entry's metadata and the files to fetch (relative paths as on the server, e.g. data/x.mrcs).
+
+    No include pattern means the whole entry, unless `walk_all` is false (the stacks then come from a
+    particle file, `drgn fetch --stacks-of`): nothing is listed at all.
+    """
     entry = api.fetch_entry(accession, api_base, timeout=opts.timeout)
     for w in entry.warnings:
         print(f"drgn fetch: {entry.accession}: API {w}", file=sys.stderr)
     root = f"{data_base.rstrip('/')}/{entry.number}/"
     patterns = [p.strip("/") for p in include]
+    if not patterns and not walk_all:
+        return entry, []
     paths = set(listing.walk(root, patterns, timeout=opts.timeout))
     for pat in patterns:
         if listing.is_literal(pat):
             if pat not in paths:
                 paths |= _find_omitted(root, pat, opts)
         elif not any(listing.matches(p, [pat]) for p in paths):
-            raise DrgnError(f"{root}: --include {pat!r} matches no file of {entry.accession}'s listing")
+            if walk_all:
+                raise DrgnError(f"{root}: --include {pat!r} matches no file of {entry.accession}'s listing")
+            # With --stacks-of the particle file says which stacks are needed: a listing that left them
+            # out is made good by fetching them by exact path, so an empty glob is only worth a note.
+            print(f"drgn fetch: {root}: --include {pat!r} matches no file of {entry.accession}'s listing; "
+                  "the stacks the particle file names are fetched by exact path", file=sys.stderr)
     if not paths:
         raise DrgnError(f"{root}: the listing of {entry.accession} shows no files")
     files = [RemoteFile(rel=p, url=root + urllib.parse.quote(p)) for p in sorted(paths)]

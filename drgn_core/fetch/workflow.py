@@ -44,21 +44,32 @@ def import_datadir(config: dict) -> str:
 
 
 def fetch_commands(config: dict, quiet: bool = True) -> list[list[str]]:
-    """argv of each `drgn fetch` the workflow's fetch rule runs: the entry, then each published URL."""
+    """argv of each `drgn fetch` the workflow's fetch rule runs: each published URL, then the entry.
+
+    The entry's fetch comes last and reads the particle file (`--stacks-of`): every stack it names that
+    is not on disk is fetched by exact path, and the rule fails (so it is not marked done) while one is
+    absent. empiar.include may therefore name the particle file alone, or nothing when it is a URL.
+    """
     e = config["empiar"]
     common = ["--connections", str(e["connections"])] + (["--quiet"] if quiet else [])
-    entry = ["drgn", "fetch", e["accession"], "-o", e["folder"], "--include", *e["include"], *common]
-    if e["api_base"]:
-        entry += ["--api-base", e["api_base"]]
-    if e["data_base"]:
-        entry += ["--data-base", e["data_base"]]
-    cmds = [entry]
+    cmds = []
     for key in SOURCES:
         src = e[key]
         if src.get("url"):
             cmds.append(["drgn", "fetch", src["url"], "--checksum", src["checksum"], "-o",
                          f"{e['folder']}/inputs", *common])
-    return cmds
+    entry = ["drgn", "fetch", e["accession"], "-o", e["folder"]]
+    if e["include"]:
+        entry += ["--include", *e["include"]]
+    entry += ["--stacks-of", fetched_path(config, "particles")]
+    if import_datadir(config):
+        entry += ["--stacks-datadir", import_datadir(config)]
+    entry += common
+    if e["api_base"]:
+        entry += ["--api-base", e["api_base"]]
+    if e["data_base"]:
+        entry += ["--data-base", e["data_base"]]
+    return [*cmds, entry]
 
 
 def fetch_shell(config: dict) -> str:
@@ -73,9 +84,6 @@ def config_problems(config: dict) -> list[str]:
     inp, e = config["input"], config["empiar"]
     if not e["accession"]:
         p.append("key 'empiar.accession': input.mode empiar needs an accession, e.g. EMPIAR-10076")
-    if not e["include"]:
-        p.append("key 'empiar.include': list the files to fetch (globs relative to the entry, e.g. "
-                 "'data/Parameters.star'); the whole entry is rarely what a reanalysis needs")
     for key in ("path", "datadir"):
         if inp[key]:
             p.append(f"key 'input.{key}': must be empty with input.mode empiar (found {inp[key]!r}); use "

@@ -179,6 +179,11 @@ def apply_poses(table: ParticleTable, src: PoseSource, order: np.ndarray, box: i
     for c in ("rlnOriginX", "rlnOriginY"):  # RELION 3.0 pixel origins would contradict the new ones
         if c in p:
             del p[c]
+    # Where each particle's poses came from, so `drgn export` can write the subset of the poses file (a
+    # cryoSPARC .cs keeps its uids: refinement there needs them) beside the subset of the particle file.
+    p["drgnPosesRow"] = np.asarray(order, dtype=np.int64)
+    if src.uids is not None:
+        p["drgnPosesUid"] = [str(int(u)) for u in np.asarray(src.uids)[order]]
 
 
 def apply_ctf_pkl(table: ParticleTable, ctf: np.ndarray, path: Path, overrides: dict[str, float],

@@ -31,7 +31,8 @@ import pandas as pd
 from drgn_core.errors import InputError
 
 # Columns that stay strings even where every value looks like a number.
-STRING_COLUMNS = ["rlnImageName", "rlnMicrographName", "rlnOpticsGroupName", "drgnStackPath", "drgnUid"]
+STRING_COLUMNS = ["rlnImageName", "rlnMicrographName", "rlnOpticsGroupName", "drgnStackPath", "drgnUid",
+                  "drgnPosesUid"]
 
 _BLOCK_LINE = re.compile(rb"[ \t]*data_(\S*)[ \t]*\r?")
 

@@ -15,6 +15,8 @@ On disk it is a RELION 3.1 STAR file with three blocks:
   drgnImageSign        +1, or -1 when the stack holds dark particles (cryoSPARC blob/sign = -1)
   drgnSourceRow        row of the particle in the user's original STAR/.cs (0-based)
   drgnUid              cryoSPARC uid (uint64, as a decimal string), empty otherwise
+  drgnPosesRow         poses from a second file (drgn import --poses): the particle's row in it (0-based)
+  drgnPosesUid         ... and its cryoSPARC uid there, when that file is a .cs (decimal string)
   drgnGtState          simulated data: discrete state id (-1 for junk)
   drgnGtCoord          simulated data: continuous reaction coordinate (NaN where none)
   drgnGtJunk           simulated data: 1 for injected junk, else 0
@@ -180,6 +182,21 @@ class ParticleTable:
             return None
         return np.array([int(u) for u in col], dtype=np.uint64)
 
+    def poses_rows(self) -> np.ndarray | None:
+        """(N,) rows of the second file the poses came from (drgn import --poses), or None."""
+        if "drgnPosesRow" not in self.particles:
+            return None
+        return self.particles["drgnPosesRow"].to_numpy(dtype=np.int64)
+
+    def poses_uids(self) -> np.ndarray | None:
+        """(N,) uint64 cryoSPARC uids of the poses file's rows (a .cs of poses), or None."""
+        if "drgnPosesUid" not in self.particles:
+            return None
+        col = self.particles["drgnPosesUid"].astype(str)
+        if (col == "").any() or (col == "nan").any():
+            return None
+        return np.array([int(u) for u in col], dtype=np.uint64)
+
     def has_ground_truth(self) -> bool:
         return all(c in self.particles for c in GT_COLUMNS)
 
@@ -224,8 +241,9 @@ def read_table(path: str | os.PathLike) -> ParticleTable:
     prov = {}
     if "drgnflow" in blocks and len(blocks["drgnflow"]):
         prov = {k: v for k, v in blocks["drgnflow"].iloc[0].to_dict().items()}
-    if "drgnUid" in particles:
-        particles["drgnUid"] = particles["drgnUid"].fillna("").astype(str)
+    for c in ("drgnUid", "drgnPosesUid"):
+        if c in particles:
+            particles[c] = particles[c].fillna("").astype(str)
     return ParticleTable(particles, optics, path, prov)
 
 
@@ -236,8 +254,9 @@ def write_table(table: ParticleTable, path: str | os.PathLike, **provenance) -> 
     prov = {**table.provenance, **provenance, "drgnflow_version": __version__}
     prov_df = pd.DataFrame({k: [str(v)] for k, v in prov.items()})
     particles = table.particles.copy()
-    if "drgnUid" in particles:
-        particles["drgnUid"] = particles["drgnUid"].astype(str)
+    for c in ("drgnUid", "drgnPosesUid"):
+        if c in particles:
+            particles[c] = particles[c].astype(str)
     # write_star (Arrow formatting, 6 decimals like "%.6f") is 7x faster than starfile.write at 10⁶ rows,
     # and writes atomically.
     write_star({"optics": table.optics, "particles": particles, "drgnflow": prov_df}, path)
