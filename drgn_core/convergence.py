@@ -253,9 +253,8 @@ def convergence(run: str | os.PathLike, outdir: str | os.PathLike, points: int =
     The on-data points for the maps are chosen once, on the last snapshot's latent (the one a user
     analyses), and followed back through the earlier epochs.
     """
-    from tqdm import tqdm
-
     from drgn_core.io.atomic import atomic_path
+    from drgn_core.progress import progress_bar
     from drgn_core.rundir import read_npy
 
     run, outdir = Path(run), Path(outdir)
@@ -264,8 +263,8 @@ def convergence(run: str | os.PathLike, outdir: str | os.PathLike, points: int =
     rows = choose_rows(z_last.reshape(len(z_last), -1), points, seed) if points > 0 else None
     pairs: list[dict] = []
     z_prev = vols_prev = None
-    for a, b in tqdm(list(itertools.pairwise(snaps)), desc="epoch pairs", unit="pair", file=sys.stderr,
-                     disable=not progress):
+    for a, b in progress_bar(list(itertools.pairwise(snaps)), desc="epoch pairs", unit="pair",
+                             file=sys.stderr, disable=not progress):
         m, z_prev, vols_prev = epoch_pair(a, b, rows, seed, device, z_prev, vols_prev)
         pairs.append(m)
     stop_at = next((h["epoch"] for h in pairs if settled([p for p in pairs if p["epoch"] <= h["epoch"]],

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from drgn_core.abinit.grid import so3_exp
 from drgn_core.data import ParticleData
 from drgn_core.io.atomic import atomic_path
 from drgn_core.models import HetVAE, image_mse, vae_loss
+from drgn_core.progress import progress_bar
 
 REFINE_FORMAT = "drgnflow-abinit-refine/1"
 
@@ -123,8 +123,9 @@ def refine(model: HetVAE, data: ParticleData, rcfg: RefineConfig, seed: int, ck_
         move = epoch >= rcfg.pose_start
         sums, n_img, t0 = np.zeros(3), 0, time.perf_counter()
         order = data.epoch_order(positions, seed, epoch)
-        bar = tqdm(total=math.ceil(data.n / rcfg.batch_size), desc=f"refine {epoch + 1}/{rcfg.epochs}",
-                   unit="batch", disable=not progress, leave=False, mininterval=1.0, file=sys.stderr)
+        bar = progress_bar(total=math.ceil(data.n / rcfg.batch_size),
+                           desc=f"refine {epoch + 1}/{rcfg.epochs}", unit="batch", disable=not progress,
+                           leave=False, mininterval=1.0, file=sys.stderr)
         for batch in data.batches(order, rcfg.batch_size):
             opt.zero_grad(set_to_none=True)
             popt.zero_grad(set_to_none=True)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from drgn_core.abinit.search import PoseSearch, SearchConfig, SoftAccumulator, insert_slices, soft_batch
 from drgn_core.backproject import (
@@ -30,6 +29,7 @@ from drgn_core.backproject import (
 )
 from drgn_core.io.atomic import atomic_path
 from drgn_core.pose import random_poses
+from drgn_core.progress import progress_bar
 
 ROUND_KEYS = ("poses", "shifts", "error", "confidence", "drawn_poses", "drawn_shifts")
 
@@ -125,8 +125,9 @@ def search_rounds(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix
         keys = ROUND_KEYS[:4] if soft else ROUND_KEYS
         sel = _minibatch(n, cfg, seed, r) if soft else np.arange(n)
         out: dict[str, list] = {k: [] for k in keys}
-        bar = tqdm(total=len(sel), desc=f"search {r + 1}/{cfg.iterations} (L {L}{', soft' if soft else ''})",
-                   unit="img", file=sys.stderr, disable=not progress, mininterval=1.0)
+        bar = progress_bar(total=len(sel),
+                           desc=f"search {r + 1}/{cfg.iterations} (L {L}{', soft' if soft else ''})",
+                           unit="img", file=sys.stderr, disable=not progress, mininterval=1.0)
         b_id = 0
         for a in range(0, len(sel), chunk):
             pos = sel[a:a + chunk]
