@@ -151,10 +151,11 @@ def test_schema_describes_every_key_and_defaults_every_optional_one():
     # them), how a GMM names what it removes (ids, or a rule with its count n or factor), a box's edges and
     # optional UMAP file (a missing edge is open).
     item = "filter.pilots[].filters[]"
-    kinds = ("threshold", "gmm", "kmeans", "norm", "box", "selection")
+    kinds = ("threshold", "gmm", "kmeans", "norm", "box", "selection", "abinit_confidence")
     alternatives = [f"{item}.{k}: default" for k in kinds]
     alternatives += [f"{item}.gmm.remove.{k}: default" for k in ("ids", "rule", "n", "factor")]
     alternatives += [f"{item}.box.{k}: default" for k in ("xmin", "xmax", "ymin", "ymax", "umap")]
+    alternatives += [f"{item}.abinit_confidence.run: default"]  # found through the table when left out
     assert sorted(_keys_missing(schema, schema, "", "default")) == sorted(alternatives)
 
 
