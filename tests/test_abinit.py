@@ -241,3 +241,24 @@ def test_heterogeneous_run_has_latents(sim32, tmp_path):
     assert z.shape == (160, 2) and np.isfinite(z).all() and z.std(axis=0).min() > 0
     drgn("volumes", str(run), "-o", str(tmp_path / "vols"), "--z=0,0")
     assert (tmp_path / "vols" / "vol_000.mrc").exists()
+
+
+def test_confidence_filter_removes_the_least_confident_particles(tiny_run, tmp_path):
+    """abinit_confidence {min}: the particles below `min` are removed; the abinit run is found through the
+    filtered run's table (here the abinit run itself, whose config.yaml names its poses.star) or given."""
+    import yaml
+
+    conf = np.load(tiny_run / "confidence.npy")
+    cut = float(np.median(conf))
+    expect = np.flatnonzero(conf >= cut)          # tiny_run's indices.npy is every row, in order
+    for i, params in enumerate(({"min": cut}, {"min": cut, "run": str(tiny_run)})):
+        spec = tmp_path / f"spec{i}.yaml"
+        spec.write_text(yaml.safe_dump([{"run": str(tiny_run), "filters": [{"abinit_confidence": params}]}]))
+        drgn("filter", "--spec", str(spec), "-o", str(tmp_path / f"f{i}"))
+        assert np.array_equal(np.load(tmp_path / f"f{i}" / "kept.npy"), expect)
+    # a run directory without confidences: a one-line error naming the file
+    spec = tmp_path / "bad.yaml"
+    bad = {"abinit_confidence": {"min": 1.0, "run": str(tmp_path)}}
+    spec.write_text(yaml.safe_dump([{"run": str(tiny_run), "filters": [bad]}]))
+    out = drgn("filter", "--spec", str(spec), "-o", str(tmp_path / "bad"), check=False)
+    assert out.returncode == 2 and "indices.npy" in out.stderr and not (tmp_path / "bad").exists()
