@@ -125,10 +125,16 @@ def test_soft_round_from_the_true_map_reconstructs_it(sim32):
     assert fsc[1:L - 2].min() > 0.8
 
 
+# The module's one ab initio run, heterogeneous (--zdim 2) so that the run-directory, resume, export and
+# filter tests all check the encoder path too (the homogeneous --zdim 0 run is the workflow test's,
+# tests/test_workflow_abinit.py).
+HET = ["--zdim", "2", "--enc-dim", "32", "--enc-layers", "1"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(sim32, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("abinit_run") / "run"
-    drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o", str(run), *TINY)
+    drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o", str(run), *TINY, *HET)
     return run
 
 
@@ -145,7 +151,11 @@ def test_run_directory_is_a_training_run(tiny_run, tmp_path):
     assert Path(cfg["inputs"]["table"]) == (tiny_run / "poses.star").resolve()
     poses = read_table(tiny_run / "poses.star")
     assert len(poses) == 160 and len(np.load(tiny_run / "confidence.npy")) == 160
-    out = drgn("volumes", str(tiny_run), "-o", str(tmp_path / "vols"), "--flip")
+    # --zdim > 0: the encoder is trained with the refined poses; z.npy holds one finite latent per row
+    # and drgn volumes decodes at latent points (analyze/traverse read the same files)
+    z = np.load(tiny_run / "z.npy")
+    assert z.shape == (160, 2) and np.isfinite(z).all() and z.std(axis=0).min() > 0
+    out = drgn("volumes", str(tiny_run), "-o", str(tmp_path / "vols"), "--z=0,0", "--flip")
     assert (tmp_path / "vols" / "vol_000.mrc").exists(), out.stdout
 
 
@@ -158,7 +168,7 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_run, sim32, tmp_p
     (killed / "checkpoints").mkdir(parents=True)
     shutil.copy(tiny_run / "config.yaml", killed / "config.yaml")
     shutil.copy(tiny_run / "checkpoints" / "search_000.npz", killed / "checkpoints")
-    drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o", str(killed), *TINY,
+    drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o", str(killed), *TINY, *HET,
          "--resume")
     a, b = read_table(tiny_run / "poses.star"), read_table(killed / "poses.star")
     assert np.array_equal(a.poses(), b.poses()) and np.array_equal(a.shifts_A(), b.shifts_A())
@@ -229,18 +239,6 @@ def test_search_from_scratch_converges(tmp_path):
     e = pose_errors(table.poses(), table.shifts_px(src.apix), res["poses"], res["shifts"])
     assert e["median_rotation_error_deg"] <= 5.0, e["median_rotation_error_deg"]
     assert e["median_shift_error_px"] <= 1.0, e["median_shift_error_px"]
-
-
-def test_heterogeneous_run_has_latents(sim32, tmp_path):
-    """--zdim > 0: the encoder is trained with the refined poses; z.npy holds one finite latent per row
-    and drgn volumes decodes at latent points (analyze/traverse read the same files)."""
-    run = tmp_path / "het"
-    drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o", str(run), *TINY,
-         "--zdim", "2", "--enc-dim", "32", "--enc-layers", "1")
-    z = np.load(run / "z.npy")
-    assert z.shape == (160, 2) and np.isfinite(z).all() and z.std(axis=0).min() > 0
-    drgn("volumes", str(run), "-o", str(tmp_path / "vols"), "--z=0,0")
-    assert (tmp_path / "vols" / "vol_000.mrc").exists()
 
 
 def test_confidence_filter_removes_the_least_confident_particles(tiny_run, tmp_path):
