@@ -25,7 +25,9 @@ norm {k_std: 3} (removes ‖z‖ > mean + 3 std); box {space: pca|umap, xmin, xm
 keep: inside|outside, umap: analyze/umap.npy}; selection {path: picked.npy, keep: inside|outside} (a saved
 index file of table rows, e.g. hand-picked in the explorer). gmm remove may also be {ids: [..]}, or
 {rule: outlying_mean_norm, factor: 2}: every component whose mean ‖z‖ exceeds 2 × the median ‖z‖ (junk
-of several kinds, without knowing how many).
+of several kinds, without knowing how many). abinit_confidence {min: 5.0, run: runs/abinit} removes
+particles whose drgn abinit pose confidence is below min (run: found through the filtered run's table
+when it was trained on an abinit poses.star).
 
 Outputs: kept.npy/.txt, removed.npy/.txt (sorted int64 rows), filter.json (the resolved spec, counts
 per filter, per run and combined, seeds; with --table, precision/recall/F1 of removed vs drgnGtJunk),
