@@ -26,6 +26,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/data.smk"
+include: "workflow/rules/abinit.smk"
 include: "workflow/rules/pilot.smk"
 include: "workflow/rules/filter.smk"
 include: "workflow/rules/highres.smk"

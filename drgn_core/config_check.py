@@ -176,6 +176,15 @@ def original_box(config: dict) -> int | None:
     return config["input"]["box"]
 
 
+ABINIT_POSES = "abinit"
+
+
+def uses_abinit(config: dict) -> bool:
+    """input.poses is `abinit`: the workflow imports the table without poses (drgn import --no-poses), finds
+    them with drgn abinit on the pilot stack, and every later stage reads that run's poses.star."""
+    return config["input"].get("poses", "") == ABINIT_POSES
+
+
 def cross_field_problems(config: dict, check_files: bool = True, base: Path | None = None) -> list[str]:
     """Rules between keys (run after the schema passed, so every key exists with the right type)."""
     p: list[str] = []
@@ -210,8 +219,16 @@ def cross_field_problems(config: dict, check_files: bool = True, base: Path | No
             p.append(f"key 'input.path': input.mode {mode} expects a {suffix} file, found {inp['path']!r}")
         elif check_files and not (base / inp["path"]).is_file():
             p.append(f"key 'input.path': file {inp['path']} does not exist")
+    if uses_abinit(config):
+        if mode == "simulate":
+            p.append("key 'input.poses': abinit needs imported particles (input.mode star, cs or empiar); "
+                     "the simulator's poses are known")
+        elif mode == "empiar" and any(config["empiar"]["poses"].get(k) for k in ("file", "url")):
+            p.append("key 'input.poses': abinit finds the poses, but empiar.poses fetches them; keep one")
     for key in ("poses", "ctf"):
         f = inp.get(key, "")
+        if key == "poses" and f == ABINIT_POSES:
+            continue
         if f and mode == "simulate":
             p.append(f"key 'input.{key}': must be empty with input.mode simulate (found {f!r})")
         elif f and f.endswith(".pkl") and not inp.get("allow_pickle"):

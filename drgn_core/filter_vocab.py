@@ -172,6 +172,13 @@ FILTERS: dict[str, Kind] = {
         {"path": Param("string", "The index file (relative to the working directory).", REQUIRED),
          "keep": Param("string", "inside keeps only the selected particles; outside removes them.", "inside",
                        choices=_INSIDE)}),
+    "abinit_confidence": Kind(
+        "Remove particles whose ab initio pose confidence (drgn abinit's confidence.npy: the Δχ² gap between "
+        "the best pose and the best one > 20° away) is below `min`: images without a distinct best pose.",
+        {"min": Param("number", "Smallest confidence kept (read it off the run's confidence.png).",
+                      minimum=0),
+         "run": Param("string", "The drgn abinit run directory; when not given, the one whose poses.star "
+                      "the filtered run was trained on (input.poses: abinit in the workflow).", OPTIONAL)}),
 }
 
 

@@ -48,6 +48,9 @@ drgn_core.filter_vocab, shared with the workflow config's schema and `drgn check
   rows, `.npy` or `.txt`, read by drgn_core.io.indices) — e.g. particles picked by hand in the explorer.
   inside keeps only the run's particles in the file; outside removes them. Its path is relative to the
   working directory, and the workflow declares it as an input, so editing the selection reruns the filter.
+- abinit_confidence {min, run: ABINIT_RUN (optional)}: confidence < min, the per-particle pose confidence
+  of a drgn abinit run (its confidence.npy, rows = its indices.npy), looked up by canonical row; the abinit
+  run is `run`, else the one recorded in the filtered run's table (the poses.star it was trained on).
 
 Combination. Within a run, "intersection" keeps a particle only if every filter keeps it, "union" if any
 does. Across runs the sets are canonical table rows (each run's z rows map through its indices.npy):
@@ -323,6 +326,41 @@ def _selection(indices: np.ndarray, p: dict) -> FilterResult:
                                                   "selected_in_run": int(selected.sum())})
 
 
+def abinit_run_of(run: Path) -> Path:
+    """The drgn abinit run whose poses.star the training run `run` read (its config.yaml's inputs.table,
+    whose provenance names the abinit run)."""
+    from drgn_core.io.table import read_table
+    from drgn_core.train import read_run_config
+
+    table_path = (read_run_config(Path(run)).get("inputs") or {}).get("table")
+    recorded = read_table(table_path).provenance.get("abinit_run") if table_path else None
+    if recorded in (None, "", "nan"):
+        raise InputError("abinit_confidence filter: the run was not trained on the poses of a drgn abinit "
+                         f"run (its table {table_path} records none); give the abinit run as `run`", run)
+    return Path(str(recorded))
+
+
+def _abinit_confidence(indices: np.ndarray, p: dict, run: Path) -> FilterResult:
+    """Pose confidence below `min` (ab initio runs only): looked up by canonical row, so a run trained on a
+    subset of the abinit run's particles is filtered by those particles' own confidences."""
+    from drgn_core.rundir import read_npy
+
+    ab = Path(p["run"]) if "run" in p else abinit_run_of(run)
+    rows = read_index_file(ab / "indices.npy")
+    conf = read_npy(ab / "confidence.npy", len(rows), "confidence.npy against indices.npy")
+    pos = np.searchsorted(rows, indices) if np.all(np.diff(rows) > 0) else None
+    if pos is None or np.any(pos >= len(rows)) or np.any(rows[np.minimum(pos, len(rows) - 1)] != indices):
+        lookup = {int(r): i for i, r in enumerate(rows)}
+        missing = [int(r) for r in indices if int(r) not in lookup]
+        if missing:
+            raise InputError(f"abinit_confidence filter: {len(missing)} of the run's particles (e.g. row "
+                             f"{missing[0]}) have no confidence in this abinit run", ab)
+        pos = np.array([lookup[int(r)] for r in indices], dtype=np.int64)
+    c = conf[pos].astype(np.float64)
+    return FilterResult("abinit_confidence", p, c < p["min"],
+                        {"abinit_run": str(ab), "median_confidence": float(np.median(c))})
+
+
 def apply_filter(z: np.ndarray, f: FilterSpec, run: Path, indices: np.ndarray | None = None) -> FilterResult:
     """Evaluate one validated filter on a run's latents → which rows it removes.
 
@@ -332,6 +370,8 @@ def apply_filter(z: np.ndarray, f: FilterSpec, run: Path, indices: np.ndarray | 
     p = f.params
     if f.kind == "selection":
         return _selection(np.arange(len(z)) if indices is None else indices, p)
+    if f.kind == "abinit_confidence":
+        return _abinit_confidence(np.arange(len(z)) if indices is None else indices, p, run)
     if f.kind == "threshold":
         if not 0 <= p["dim"] < z.shape[1]:
             raise InputError(f"threshold filter: dim {p['dim']} is out of range for run {run} with zdim "

@@ -88,7 +88,8 @@ def test_vocabulary_errors_are_shared(tmp_path, entry, param, message):
     ({"selection": {"keep": "inside"}}, "(selection): missing required parameter 'path'"),
     ({"selection": {"path": "a.npy", "keep": "all"}},
      "(selection): 'keep' must be inside or outside, got 'all'"),
-    ({"median": {}}, ": unknown filter 'median' (known: threshold, gmm, kmeans, norm, box, selection)"),
+    ({"median": {}},
+     ": unknown filter 'median' (known: threshold, gmm, kmeans, norm, box, selection, abinit_confidence)"),
 ])
 def test_spec_vocabulary_messages(tmp_path, entry, message):
     with pytest.raises(InputError) as e:

@@ -230,7 +230,7 @@ def test_spec_errors_name_the_key(tmp_path, capsys):
     assert main(["filter", "--spec", spec, "-o", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"drgn filter: error: {spec}: run 1, filter 1: unknown filter 'trheshold' "
-                   "(known: threshold, gmm, kmeans, norm, box, selection)")
+                   "(known: threshold, gmm, kmeans, norm, box, selection, abinit_confidence)")
     assert not (tmp_path / "o").exists()
     with pytest.raises(InputError, match=r"run 1, filter 1 \(gmm\): unknown parameter 'n_components'"):
         filtering.parse_spec([{"run": str(run), "filters": [{"gmm": {"n_components": 5}}]}])

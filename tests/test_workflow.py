@@ -152,11 +152,12 @@ def test_schema_describes_every_key_and_defaults_every_optional_one():
     # separation), k-means' ids and separation (either or both), a box's edges and optional UMAP file (a
     # missing edge is open).
     item = "filter.pilots[].filters[]"
-    kinds = ("threshold", "gmm", "kmeans", "norm", "box", "selection")
+    kinds = ("threshold", "gmm", "kmeans", "norm", "box", "selection", "abinit_confidence")
     alternatives = [f"{item}.{k}: default" for k in kinds]
     alternatives += [f"{item}.gmm.remove.{k}: default" for k in ("ids", "rule", "n", "factor", "separation")]
     alternatives += [f"{item}.kmeans.{k}: default" for k in ("remove_ids", "separation")]
     alternatives += [f"{item}.box.{k}: default" for k in ("xmin", "xmax", "ymin", "ymax", "umap")]
+    alternatives += [f"{item}.abinit_confidence.run: default"]  # found through the table when left out
     assert sorted(_keys_missing(schema, schema, "", "default")) == sorted(alternatives)
 
 

@@ -75,6 +75,9 @@ def with_poses(table: ParticleTable, rows: np.ndarray, A: np.ndarray, shifts_A: 
     Stack paths are made absolute, so the copy can live in the run directory."""
     particles = table.particles.copy()
     particles["drgnStackPath"] = [str(p) for p in table.stack_paths()]
+    # a table imported with --no-poses reads its placeholder zeros back as integer columns
+    cols = [*POSE_COLUMNS, *SHIFT_COLUMNS]
+    particles[cols] = particles[cols].astype(np.float64)
     particles.loc[rows, POSE_COLUMNS] = matrix_to_euler(A)
     particles.loc[rows, SHIFT_COLUMNS] = shifts_A
     return ParticleTable(particles, table.optics.copy(), table.path, dict(table.provenance))

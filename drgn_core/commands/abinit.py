@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "ab initio: search poses from scratch, then train the model with them (no consensus poses needed)"
 DESCRIPTION = """\
@@ -47,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--outdir", required=True, help="run directory to write")
     p.add_argument("--ind", help="index file of table rows to use (default: all)")
     p.add_argument("--resume", action="store_true", help="continue the run in --outdir from its checkpoints")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="--resume when --outdir already holds a run (its config.yaml), else start one "
+                        "(what a workflow rule rerun after a kill needs)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     m = p.add_argument_group("model (as drgn train)")
     m.add_argument("--zdim", type=int, help="latent dimension; 0 = homogeneous (default 0)")
@@ -121,9 +125,10 @@ def run(args: argparse.Namespace) -> int:
     refine_opts = _given(args, REFINE_KEYS)
     _validate({**model_opts, **search_opts, **refine_opts})
     refuse_overwrite_input([args.outdir], [args.table, args.stack, args.ind])
+    resume = args.resume or (args.auto_resume and (Path(args.outdir) / "config.yaml").is_file())
     run_dir = abinit(args.table, args.stack, args.outdir, model_opts, search_opts, refine_opts,
                      seed=args.seed, device=args.device, threads=args.threads, data_mode=args.data_mode,
-                     ind_path=args.ind, resume=args.resume)
+                     ind_path=args.ind, resume=resume)
     print(f"ab initio run written to {run_dir}: poses in {run_dir}/poses.star, model in {run_dir}/model.pt "
           "(the map's hand is arbitrary)")
     return 0

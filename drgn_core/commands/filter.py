@@ -29,6 +29,9 @@ of several kinds, without knowing how many). Either rule removes its components 
 apart from the rest: Ashman's D between their ‖z‖ and the other particles' ≥ remove.separation (default 2;
 0: remove whatever the separation, the paper's literal rule), so a set without junk loses nothing;
 kmeans {k, separation: 2} removes the clusters separated so (among remove_ids, if given).
+abinit_confidence {min: 5.0, run: runs/abinit} removes
+particles whose drgn abinit pose confidence is below min (run: found through the filtered run's table
+when it was trained on an abinit poses.star).
 
 Outputs: kept.npy/.txt, removed.npy/.txt (sorted int64 rows), filter.json (the resolved spec, counts
 per filter, per run and combined, seeds; with --table, precision/recall/F1 of removed vs drgnGtJunk),

@@ -7,7 +7,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 import drgn_core
-from drgn_core.config_check import filter_spec, validate_config
+from drgn_core.config_check import filter_spec, uses_abinit, validate_config
 from drgn_core.errors import DrgnError
 from drgn_core.fetch import workflow as empiar_mode
 
@@ -42,7 +42,12 @@ DRGN_VERSION = drgn_core.__version__
 
 # The canonical table: the simulator's own (in the folder it owns and replaces whole), or the import's.
 SIM_DIR = f"{R}/simulated"
-TABLE = f"{SIM_DIR}/table.star" if SIMULATED else f"{R}/data/table.star"
+IMPORTED = f"{SIM_DIR}/table.star" if SIMULATED else f"{R}/data/table.star"
+# input.poses abinit: the import has no poses; drgn abinit finds them on the pilot stack (made from the
+# imported table, same rows), and its poses.star is the table of every later stage.
+ABINIT = uses_abinit(config)
+ABINIT_DIR = f"{R}/abinit"
+TABLE = f"{ABINIT_DIR}/poses.star" if ABINIT else IMPORTED
 HIGHRES = f"{R}/highres/train"
 FILTER = f"{R}/filter"
 # Job logs and Snakemake benchmark files live under the results folder too, so two configs run from one
@@ -175,6 +180,8 @@ def get_second_file(key):
     """The poses / ctf file `drgn import` reads besides the particle file: fetched, or input.<key>."""
     if EMPIAR and key in get_fetched_files():
         return get_fetched_files()[key]
+    if key == "poses" and ABINIT:  # no file: drgn abinit finds the poses
+        return ""
     return config["input"].get(key, "")
 
 
@@ -195,6 +202,8 @@ def get_import_options():
     for key in ("poses", "ctf"):
         if get_second_file(key):
             opts.append(f"--{key} {shlex.quote(get_second_file(key))}")
+    if ABINIT:
+        opts.append("--no-poses")
     if inp.get("allow_pickle"):
         opts.append("--allow-pickle")
     if inp["invert"]:

@@ -6,7 +6,7 @@ if SIMULATED:
 
     rule simulate_particles:
         output:
-            table=TABLE,
+            table=IMPORTED,
             stack=f"{SIM_DIR}/particles.mrcs",
             star=f"{SIM_DIR}/particles.star",
             cs=f"{SIM_DIR}/particles.cs",
@@ -64,7 +64,7 @@ else:
             second=get_import_second_files,
             fetched=get_fetch_flag,
         output:
-            table=TABLE,
+            table=IMPORTED,
         log:
             get_log("import", "import"),
         benchmark:
@@ -83,7 +83,7 @@ else:
 
 rule downsample:
     input:
-        table=TABLE,
+        table=IMPORTED,  # not TABLE: with input.poses abinit the pilot stack is ab initio's input
     output:
         stack=f"{R}/data/particles.{{D}}.mrcs",
         sidecar=f"{R}/data/particles.{{D}}.json",
