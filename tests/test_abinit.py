@@ -177,6 +177,21 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_run, sim32, tmp_p
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_fresh_run_ignores_orphan_checkpoints(tiny_run, sim32, tmp_path):
+    """A fresh run into a folder holding checkpoints but no config.yaml (a workflow rerun after its outputs
+    were deleted) removes them instead of reading them: a damaged one would otherwise crash the run, and a
+    foreign one would mix two runs. It then ends as the uninterrupted run does."""
+    from drgn_core.io.table import read_table
+
+    run = tmp_path / "rerun"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "search_000.npz").write_bytes(b"not a checkpoint")
+    (run / "checkpoints" / "refine.pt").write_bytes(b"not a checkpoint either")
+    drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o", str(run), *TINY, *HET)
+    a, b = read_table(tiny_run / "poses.star"), read_table(run / "poses.star")
+    assert np.array_equal(a.poses(), b.poses()) and np.array_equal(a.shifts_A(), b.shifts_A())
+
+
 def test_export_round_trip_and_flip_hand(tiny_run, tmp_path):
     """Exported STAR → re-imported → back-projected equals the back-projection of the run's poses; the
     hand-flipped export back-projects to the mirror image."""

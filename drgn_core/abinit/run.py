@@ -101,6 +101,18 @@ def plot_confidence(path: Path, conf: np.ndarray) -> None:
     plt.close(fig)
 
 
+def _drop_orphan_checkpoints(run: Path) -> None:
+    """A fresh run must not pick up search or refinement checkpoints left in `run` by an earlier run whose
+    config.yaml is gone (a workflow rerun after its outputs were deleted): without that config they cannot
+    be resumed, and reading them would mix two runs. They are drgn abinit's own files, so they are removed."""
+    ck = run / "checkpoints"
+    stale = sorted(ck.glob("search_*.npz")) + sorted(ck.glob("refine.pt")) if ck.is_dir() else []
+    if stale:
+        log(f"{run}: removing {len(stale)} checkpoint(s) of an earlier run without config.yaml")
+        for p in stale:
+            p.unlink()
+
+
 def abinit(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir: str | os.PathLike,
            model_opts: dict | None = None, search_opts: dict | None = None, refine_opts: dict | None = None,
            seed: int = 0, device: str = "auto", threads: int = 0, data_mode: str = "auto",
@@ -137,6 +149,7 @@ def abinit(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir:
         if (run / "config.yaml").exists():
             raise DrgnError(f"{run}: already holds a run; pass --resume to continue it, or choose another "
                             "output directory")
+        _drop_orphan_checkpoints(run)
         scfg = SearchConfig.from_dict(search_opts).resolved(D)
         rcfg = RefineConfig.from_dict(refine_opts)
         mcfg0 = None
