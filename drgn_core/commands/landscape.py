@@ -31,10 +31,11 @@ Outputs (in -o DIR, written whole, atomically):
 
 Defaults: on a GPU, cryoDRGN 4.3's (1000 maps, box 128, 20 PCs, 10 states, dilation 5 px); on the CPU,
 300 maps at box 64, which take a few minutes on 2 cores. The box never exceeds the training box unless -D
-asks. States on the UMAP use --umap (drgn analyze's umap.npy), else a UMAP computed here (zdim > 2).
+asks. States on the UMAP use --umap (or --analysis DIR: drgn analyze's umap.npy), else a UMAP computed
+here (zdim > 2).
 
 Example:
-  drgn landscape results/highres/train -o results/highres/landscape --umap results/highres/analyze/umap.npy
+  drgn landscape results/highres/train -o results/highres/landscape --analysis results/highres/analyze
   drgn landscape runs/highres -o landscape --maps 1000 -D 128 --states 10 --device cuda
 """
 
@@ -63,13 +64,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="volume PCs with maps along them (default 3)")
     p.add_argument("--umap", metavar="umap.npy", help="UMAP of the run's particles (drgn analyze's) for the "
                    "states-on-UMAP plot")
+    p.add_argument("--analysis", metavar="DIR",
+                   help="drgn analyze folder of the same run: its umap.npy, when "
+                   "it has one, is used as --umap")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for k-means, GMM, the regressor and UMAP (default 0)")
     p.add_argument("--device", default="auto", help="device for decoding: auto, cpu or cuda (default auto)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from drgn_core.errors import InputError
     from drgn_core.landscape import LandscapeOptions, landscape
+
+    if args.analysis is not None and args.umap is None:
+        if not (Path(args.analysis) / "summary.json").exists():
+            raise InputError("is not a drgn analyze folder (no summary.json)", args.analysis)
+        found = Path(args.analysis) / "umap.npy"
+        args.umap = str(found) if found.exists() else None
 
     opts = LandscapeOptions(n_maps=args.n_maps, D=args.D, n_pcs=args.n_pcs, n_states=args.n_states,
                             cluster=args.cluster, linkage=args.linkage, mask=args.mask,
