@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -392,8 +393,14 @@ def landscape(run_dir: str | os.PathLike, outdir: str | os.PathLike, opts: Lands
     if umap_xy is not None and (umap_xy.ndim != 2 or umap_xy.shape[1] != 2):
         raise InputError(f"expected an (N, 2) UMAP embedding, got shape {umap_xy.shape}", opts.umap)
 
+    clock = {"start": time.perf_counter()}
+
+    def lap(name: str) -> None:
+        clock[name] = time.perf_counter()
+
     z = run.z
     rows = landscape_latents(z, n_maps, seed=opts.seed)
+    lap("kmeans")
     map_z = z[rows]
     m = len(rows)
     if opts.n_states > m:
@@ -419,6 +426,7 @@ def landscape(run_dir: str | os.PathLike, outdir: str | os.PathLike, opts: Lands
             mask = dilate_mask(union, opts.dilate)
             summary["mask"] = {"source": "computed", "threshold": opts.threshold, "dilate": opts.dilate}
         summary["mask"]["n_voxels"] = int(mask.sum())
+        lap("decode_and_mask")
         write_mrc(tmp / "mask.mrc", mask.astype(np.float32), vox)
         picks = np.unique(np.linspace(0, m - 1, min(m, 20)).round().astype(int))
         plots.volume_sheet([series[int(i)] for i in picks], tmp / "maps" / "maps.png",
@@ -429,6 +437,7 @@ def landscape(run_dir: str | os.PathLike, outdir: str | os.PathLike, opts: Lands
         k = int(min(opts.n_pcs, m - 1, mask.sum()))
         pca, coords = streamed_pca(series, mask, k, opts.chunk)
         np.save(tmp / "vol_pca.npy", coords)
+        lap("pca")
         summary["vol_pca"] = {"n_pcs": k, "explained_variance_ratio": pca.explained_variance_ratio.tolist()}
         plots.explained_variance(pca.explained_variance_ratio, tmp / "vol_pca_explained_variance.png")
         tr = []
@@ -473,12 +482,16 @@ def landscape(run_dir: str | os.PathLike, outdir: str | os.PathLike, opts: Lands
                              "n_maps": np.bincount(map_states, minlength=n_s).tolist(),
                              "empty": [s for s in range(n_s) if counts[s] == 0]}
 
+        lap("states")
+
         # 5. every particle in volume-PC space
         predict, r2 = fit_z_to_pcs(map_z, coords, seed=opts.seed)
         pcs_particles = predict(z)
         np.save(tmp / "particle_vol_pca.npy", pcs_particles)
         summary["regressor"] = {"model": f"MLP {REGRESSOR_LAYERS} (scikit-learn, L-BFGS)", "held_out_maps":
                                 round(HELD_OUT_FRAC * m) if m >= 10 else 0, "r2_per_pc": r2}
+
+        lap("regressor")
 
         # plots
         names = {s: f"state {s}" for s in range(n_s)}
@@ -506,6 +519,10 @@ def landscape(run_dir: str | os.PathLike, outdir: str | os.PathLike, opts: Lands
         plots.bars(counts, tmp / "state_sizes.png", "state", "particles",
                    title=f"{int(counts.sum())} particles in {n_s} states")
 
+        lap("plots")
+        marks = list(clock.items())
+        summary["seconds"] = {name: round(t - marks[i][1], 2) for i, (name, t) in enumerate(marks[1:])}
+        summary["seconds"]["total"] = round(marks[-1][1] - marks[0][1], 2)
         summary["outputs"] = {"plots": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*.png"))}
         with open(tmp / "summary.json", "w") as f:
             json.dump(summary, f, indent=1)
