@@ -186,3 +186,16 @@ def test_bad_inputs_get_one_line_errors_and_no_output(comp, tmp_path, capsys):
                           "-o", str(out)], capsys)
     assert "--state 7 does not exist: the landscape has states 0 … 2" in err
     assert not out.exists()
+
+
+def test_summary_shows_a_state_table(comp, tmp_path):
+    out = comp["out"]
+    assert main(["summarize", "--landscape", str(out), "-o", str(tmp_path / "s.json"), "--html",
+                 str(tmp_path / "s.html")]) == 0
+    ls = json.loads((tmp_path / "s.json").read_text())["landscape"]
+    counts = np.bincount(np.load(out / "particle_states.npy"), minlength=3)
+    assert [r["particles"] for r in ls["states"]] == counts.tolist()
+    assert [r["percent"] for r in ls["states"]] == [round(100 * c / N, 1) for c in counts]
+    assert ls["maps"] == json.loads((out / "summary.json").read_text())["n_maps"]
+    page = (tmp_path / "s.html").read_text()
+    assert "<td>states/state_2/indices.npy</td>" in page and "<h2>Landscape states" in page

@@ -481,6 +481,9 @@ def check_report(workdir: Path, report: Path) -> None:
     assert set(categories["4. Maps"]["Other"]) == sheets
     assert items["results/highres/analyze/kmeans4/maps.png"]["labels"] == {
         "figure": "maps: k-means centres, k = 4 (kmeans4/)"}
+    assert items["results/highres/landscape/vol_pc1/maps.png"]["labels"] == {
+        "figure": "maps: landscape, along volume PC1 (vol_pc1/)"}
+    assert "results/highres/landscape/states/means.png" in categories["5. Landscape"]["Other"]
 
     # the summary table, against the files the stages wrote
     page = _embedded(items["results/report/summary.html"]).decode()
@@ -532,6 +535,11 @@ def check_report(workdir: Path, report: Path) -> None:
     seconds = [round(float(next(csv.DictReader(open(p), delimiter="\t"))["s"]), 1) for p in bench]
     assert len(bench) >= 10 and _same(key["job time, all jobs (s)"], sum(seconds))
     assert len(tables["Run times (Snakemake benchmarks)"]) == len(bench) + 2   # header and total
+    # the landscape's state table: one row per state, counts from its summary.json, adding up to the run
+    ls = json.loads((r / "highres" / "landscape" / "summary.json").read_text())
+    [state_rows] = [rows for t, rows in tables.items() if t.startswith("Landscape states")]
+    assert [_cell(row[1]) for row in state_rows[1:]] == ls["states"]["counts"]
+    assert sum(ls["states"]["counts"]) == _cell(high[col["train"]]) + _cell(high[col["validation"]])
 
 
 @pytest.mark.slow
