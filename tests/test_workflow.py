@@ -77,7 +77,8 @@ def test_dry_run_simulate_mode(tmp_path):
     cfg = write_config(tmp_path, {})  # every key from the schema's defaults
     jobs, out = dry_run(tmp_path, cfg)
     assert jobs == {"simulate_particles": 1, "downsample": 2, "train_pilot": 2, "write_filter_spec": 1,
-                    "filter_particles": 1, "train_highres": 1, "analyze_highres": 1, "traverse_highres": 1,
+                    "filter_particles": 1, "train_highres": 1, "analyze_highres": 1, "landscape_highres": 1,
+                    "traverse_highres": 1,
                     "backproject_kept": 1, "evaluate_highres": 1, "evaluate_pilot": 2, "export_kept": 1,
                     "summarize": 1, "all": 1}
     # the paper's DAG: both pilots at the pilot box, high-res on the kept rows, GT metrics when simulated

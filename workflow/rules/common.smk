@@ -275,7 +275,12 @@ def get_final_outputs():
 def get_landscape_flags():
     """`drgn landscape` options from the config's landscape section (null keys: the command's defaults)."""
     c = config["landscape"]
-    flags = [f"--pcs {c['pcs']}", f"--states {c['states']}", f"--cluster {c['cluster']}", f"--seed {c['seed']}"]
+    flags = [
+        f"--pcs {c['pcs']}",
+        f"--states {c['states']}",
+        f"--cluster {c['cluster']}",
+        f"--seed {c['seed']}",
+    ]
     flags += [f"--maps {c['maps']}"] if c["maps"] is not None else []
     flags += [f"-D {c['D']}"] if c["D"] is not None else []
     return " ".join([*flags, c["extra"]]).strip()
