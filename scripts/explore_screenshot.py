@@ -24,22 +24,23 @@ CHROMIUM = "/usr/bin/chromium"
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", default=str(ROOT / "results"), help="the demo's results folder")
+    ap.add_argument("--results", default="results", help="the demo's results folder (relative paths: to the "
+                    "repository root, as shown on the page)")
     ap.add_argument("-o", "--output", default=str(ROOT / "docs" / "explore.png"))
     ap.add_argument("--state", type=int, default=None, help="state to select (default: the middle one)")
     args = ap.parse_args()
     run = Path(args.results) / "highres" / "train"
     landscape = Path(args.results) / "highres" / "landscape"
-    for p in (run / "model.pt", landscape / "summary.json"):
+    for p in (ROOT / run / "model.pt", ROOT / landscape / "summary.json"):
         if not p.exists():
             sys.exit(f"{p} is missing: run the demo first (bash scripts/demo.sh)")
-    n_states = json.loads((landscape / "summary.json").read_text())["states"]["n_states"]
+    n_states = json.loads((ROOT / landscape / "summary.json").read_text())["states"]["n_states"]
     state = n_states // 2 if args.state is None else args.state
     out_dir = Path(args.results) / "explore_screenshot"
     drgn = Path(sys.executable).parent / "drgn"
     srv = subprocess.Popen([str(drgn), "explore", str(run), "--no-browser", "--port", "0", "--exit-after",
                             "300", "--out", str(out_dir), "--device", "cpu"],
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
     try:
         url = None
         for line in srv.stdout:
