@@ -33,6 +33,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("encode", "encode"),
     ("volumes", "volumes"),
     ("analyze", "analyze"),
+    ("landscape", "landscape"),
     ("filter", "filter"),
     ("traverse", "traverse"),
     ("backproject", "backproject"),

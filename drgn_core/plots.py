@@ -332,3 +332,20 @@ def volume_sheet(vols: np.ndarray | Sequence[np.ndarray], path: str | os.PathLik
         fig.savefig(tmp, format="png", dpi=_SHEET_DPI)
     plt.close(fig)
     return ContactSheet(out, shown, panel, repeat, block, boxes, scales)
+
+
+def bars(counts: np.ndarray, path: str | os.PathLike, xlabel: str, ylabel: str, title: str | None = None
+         ) -> Path:
+    """Bar chart of counts per category 0, 1, …, each bar labelled with its count (e.g. state sizes)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    x = np.arange(len(counts))
+    ax.bar(x, counts, color="tab:blue")
+    for i, c in enumerate(counts):
+        ax.annotate(str(int(c)), (i, c), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    return save(fig, path)

@@ -52,6 +52,7 @@ class SummaryInputs:
     backproject: Path | None = None
     metrics: list[Path] = field(default_factory=list)
     benchmarks: Path | None = None
+    landscape: Path | None = None
 
 
 # ---- readers (each names its file when something is wrong) ---------------------------------------------
@@ -213,6 +214,22 @@ def read_filter(path: Path) -> dict:
     return out
 
 
+def read_landscape(folder: Path) -> dict:
+    """The landscape analysis (drgn landscape's summary.json): its settings and a row per state."""
+    s = _read_json(folder / "summary.json")
+    try:
+        st = s["states"]
+        n = int(s["n_particles"])
+        r2 = s["regressor"]["r2_per_pc"]
+        return {"folder": str(folder), "maps": s["n_maps"], "D": s["D"], "volume PCs": s["vol_pca"]["n_pcs"],
+                "clustering": st["method"], "held-out R², z → volume PC1": r2[0] if r2 else None,
+                "states": [{"state": k, "particles": c, "percent": round(100.0 * c / n, 1), "maps": m,
+                            "indices": f"states/state_{k}/indices.npy"}
+                           for k, (c, m) in enumerate(zip(st["counts"], st["n_maps"]))]}
+    except (KeyError, TypeError, IndexError) as e:
+        raise InputError(f"is not a drgn landscape summary (missing {e})", folder / "summary.json") from None
+
+
 def read_benchmarks(folder: Path) -> list[dict]:
     """One row per Snakemake benchmark file (<folder>/<stage>/<job>.tsv): seconds and peak memory.
 
@@ -263,6 +280,8 @@ def build_summary(inputs: SummaryInputs) -> dict:
         bench = read_benchmarks(inputs.benchmarks)
         summary["runtimes"] = bench
         summary["total_seconds"] = round(sum(r["seconds"] for r in bench), 1)
+    if inputs.landscape is not None:
+        summary["landscape"] = read_landscape(inputs.landscape)
     if inputs.highres is not None:
         summary["explore"] = explore_command(inputs.highres)
     summary["headline"] = headline(summary)
@@ -334,6 +353,13 @@ def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     if "backprojection" in summary:
         tables.append(("Back-projection of the kept particles", ["", "value"],
                        [[k, _fmt(v)] for k, v in summary["backprojection"].items()]))
+    if "landscape" in summary:
+        ls = summary["landscape"]
+        head = ", ".join(f"{k} {_fmt(v)}" for k, v in ls.items() if k not in ("folder", "states"))
+        tables.append((f"Landscape states ({ls['folder']}: {head})", ["state", "particles", "%", "maps",
+                                                                     "particles' index file"],
+                       [[str(r["state"]), _fmt(r["particles"]), _fmt(r["percent"]), _fmt(r["maps"]),
+                         r["indices"]] for r in ls["states"]]))
     if "training" in summary:
         cols = ["run", "zdim", "D", "encoder", "decoder", "train", "validation", "epochs", "final_loss",
                 "final_val_loss", "images_per_s", "train_seconds", "stopped"]

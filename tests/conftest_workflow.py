@@ -33,6 +33,7 @@ TINY_CONFIG: dict = {
     "highres": {"D": 32, "train": {"epochs": 3, "enc_dim": 64, "dec_dim": 64, "batch_size": 32}},
     "analyze": {"ksample": 4, "pc": 1},
     "traverse": {"kmeans": 3, "max_volumes": 3},
+    "landscape": {"maps": 30, "states": 3, "pcs": 5},
     "validate": {"n_fsc": 4},
     "resources": {"highres": {"threads": 2}, "analyze": {"threads": 2}},
 }

@@ -26,7 +26,7 @@ from helpers_io import FIXTURE
 
 from drgn_core.cli import main
 from drgn_core.importing import import_particles
-from drgn_core.io.mrc import read_mrc
+from drgn_core.io.mrc import read_mrc, write_mrc
 from drgn_core.io.table import read_table, write_table
 
 CHROMIUM = "/usr/bin/chromium"
@@ -59,6 +59,16 @@ def world(tmp_path_factory) -> dict:
     on_data = [int(np.nonzero(labels == k)[0][0]) for k in range(3)]
     (an / "summary.json").write_text(json.dumps({"run": str(run), "kmeans": {
         "k": 3, "folder": "kmeans3", "centers_ind": on_data, "centers_z": z[on_data].tolist()}}))
+    # a landscape folder beside it (drgn landscape's layout): states = the clusters in reverse order, and
+    # state k's mean map a recognisable volume (a cube of side 2k + 4 at the centre)
+    ls = d / "results" / "highres" / "landscape"
+    for k in range(3):
+        (ls / "states" / f"state_{k}").mkdir(parents=True)
+        vol = np.zeros((16, 16, 16), np.float32)
+        vol[8 - k - 2:8 + k + 2, 8 - k - 2:8 + k + 2, 8 - k - 2:8 + k + 2] = 1.0
+        write_mrc(ls / "states" / f"state_{k}" / "mean.mrc", vol, 9.0)
+    np.save(ls / "particle_states.npy", (2 - labels).astype(np.int64))
+    (ls / "summary.json").write_text(json.dumps({"run": str(run), "states": {"n_states": 3}}))
     return {"dir": d, "table": table, "data": data, "run": run, "z": z, "umap": umap, "labels": labels,
             "centres_pos": on_data}
 
@@ -379,6 +389,28 @@ def test_export_from_the_page_writes_cs_and_csg(page, server, world):
     for slot, entry in csg["results"].items():
         assert entry == {"metafile": ">J7_picked.cs", "num_items": rows.size, "type": f"particle.{slot}"}
     assert [int(u) for u in (out / "uids.txt").read_text().split()] == [int(u) for u in table.uids()[rows]]
+
+
+def test_landscape_state_colours_selects_shows_its_mean_map_and_exports(page, server, world):
+    states = 2 - world["labels"]
+    assert page.eval_on_selector("#ccol", "s => s.value") == "state"     # coloured by state by default
+    page.select_option("#lstate", "1")
+    page.click("#state-select")
+    settle(page)
+    assert page.text_content("#count") == str(int((states == 1).sum()))
+    page.click("#vol-state")
+    page.wait_for_function("document.getElementById('volinfo').textContent.startsWith('state 1 mean map')",
+                           timeout=20_000)
+    page.fill("#volname", "state1_mean")
+    page.click("#vol-save")
+    settle(page)
+    saved, _ = read_mrc(server["out"] / "volumes" / "state1_mean.mrc", mmap=False)
+    assert saved.shape == (16, 16, 16) and saved.sum() == 6**3                 # the file's map, not a decode
+    page.click("#export")
+    page.wait_for_function("document.getElementById('selinfo').dataset.exported !== undefined",
+                           timeout=30_000)
+    np.testing.assert_array_equal(np.load(server["out"] / "exports" / "state_1" / "indices.npy"),
+                                  np.nonzero(states == 1)[0])
 
 
 def click_point(page, server, world, p: int) -> int:

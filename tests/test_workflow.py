@@ -77,7 +77,8 @@ def test_dry_run_simulate_mode(tmp_path):
     cfg = write_config(tmp_path, {})  # every key from the schema's defaults
     jobs, out = dry_run(tmp_path, cfg)
     assert jobs == {"simulate_particles": 1, "downsample": 2, "train_pilot": 2, "write_filter_spec": 1,
-                    "filter_particles": 1, "train_highres": 1, "analyze_highres": 1, "traverse_highres": 1,
+                    "filter_particles": 1, "train_highres": 1, "analyze_highres": 1, "landscape_highres": 1,
+                    "traverse_highres": 1,
                     "backproject_kept": 1, "evaluate_highres": 1, "evaluate_pilot": 2, "export_kept": 1,
                     "summarize": 1, "all": 1}
     # the paper's DAG: both pilots at the pilot box, high-res on the kept rows, GT metrics when simulated
@@ -484,6 +485,9 @@ def check_report(workdir: Path, report: Path) -> None:
     assert set(categories["4. Maps"]["Other"]) == sheets
     assert items["results/highres/analyze/kmeans4/maps.png"]["labels"] == {
         "figure": "maps: k-means centres, k = 4 (kmeans4/)"}
+    assert items["results/highres/landscape/vol_pc1/maps.png"]["labels"] == {
+        "figure": "maps: landscape, along volume PC1 (vol_pc1/)"}
+    assert "results/highres/landscape/states/means.png" in categories["5. Landscape"]["Other"]
 
     # the summary table, against the files the stages wrote
     page = _embedded(items["results/report/summary.html"]).decode()
@@ -535,6 +539,11 @@ def check_report(workdir: Path, report: Path) -> None:
     seconds = [round(float(next(csv.DictReader(open(p), delimiter="\t"))["s"]), 1) for p in bench]
     assert len(bench) >= 10 and _same(key["job time, all jobs (s)"], sum(seconds))
     assert len(tables["Run times (Snakemake benchmarks)"]) == len(bench) + 2   # header and total
+    # the landscape's state table: one row per state, counts from its summary.json, adding up to the run
+    ls = json.loads((r / "highres" / "landscape" / "summary.json").read_text())
+    [state_rows] = [rows for t, rows in tables.items() if t.startswith("Landscape states")]
+    assert [_cell(row[1]) for row in state_rows[1:]] == ls["states"]["counts"]
+    assert sum(ls["states"]["counts"]) == _cell(high[col["train"]]) + _cell(high[col["validation"]])
 
 
 @pytest.mark.slow

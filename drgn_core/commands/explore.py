@@ -12,7 +12,9 @@ filter verdict, ground truth) against any other, coloured by any; lasso/box sele
 subtract and intersect; histogram thresholds over all particles; particle images and montages; maps
 decoded on demand at a point, a selection's mean or a k-means centre, shown as an isosurface and saved as
 .mrc; graph traversals; selections saved as index files (with a .json record) and exported for RELION or
-cryoSPARC through drgn export.
+cryoSPARC through drgn export. With a drgn landscape folder (found beside the run as landscape/, or
+--landscape): particles coloured by landscape state, a state selected in one click (its exact
+particles, as states/state_K/indices.npy), its mean map shown and saved, and the state exported.
 
 The server listens on 127.0.0.1 and every request needs the token printed with the URL. On a cluster,
 open the printed ssh -L tunnel from your own computer, then the URL. Stop it with Ctrl-C.
@@ -38,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--filter", metavar="DIR", dest="filter_dir",
                         help="drgn filter folder whose kept.npy becomes the filter_kept column "
                         "(default: ../../filter from RUN_DIR, the workflow layout)")
+    parser.add_argument("--landscape", metavar="DIR",
+                        help="drgn landscape folder of the run: colour by and select its states, show their "
+                        "mean maps (default: ../landscape from RUN_DIR when it names this run)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: "
                         "only this machine; reach it from elsewhere through the printed ssh tunnel)")
     parser.add_argument("--port", type=int, default=8888, help="port (default 8888; 0 = any free port)")
@@ -73,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must lie in 0 … 65535, got {args.port}")
     data = load_explore_data(args.run, analysis=args.analysis, table=args.table, filter_dir=args.filter_dir,
-                             max_points=args.max_points, seed=args.seed, log=stderr_log)
+                             max_points=args.max_points, seed=args.seed, log=stderr_log,
+                             landscape=args.landscape)
     out = Path(args.out) if args.out else Path(args.run).resolve().parent / "explore"
     device = str(runlink.resolve_device(args.device))
     if args.display_D < 0 or args.display_D % 2:

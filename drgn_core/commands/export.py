@@ -20,18 +20,25 @@ drgn filter) back to the software they came from, without re-writing their metad
   volumes.cxc          with --volumes DIR: a ChimeraX script playing DIR/vol_*.mrc as a volume series
   export.json          what was written, and from which source
 
+A state of a landscape analysis is exported directly with --landscape DIR --state K (instead of --ind):
+its particles are DIR/states/state_K/indices.npy, named state_K by default.
+
 The source defaults to the file the table was imported from (recorded by drgn import); every exported row
 is checked against the table (image name, or uid), so a different file is refused, not mis-subset.
 
 Example:
   drgn export table.star --ind filter/kept.npy -o export --name kept --volumes analyze/kmeans20
+  drgn export table.star --landscape results/highres/landscape --state 3 -o export_state3
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("table", metavar="TABLE", help="canonical particle table (drgn import/simulate)")
-    parser.add_argument("--ind", required=True, metavar="keep.npy",
-                        help="rows to export: .npy or .txt of 0-based canonical table rows")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ind", metavar="keep.npy",
+                       help="rows to export: .npy or .txt of 0-based canonical table rows")
+    which.add_argument("--landscape", metavar="DIR", help="a drgn landscape folder: export one --state of it")
+    parser.add_argument("--state", type=int, metavar="K", help="with --landscape: the state to export")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read a cryoDRGN index pickle (*.ind.pkl) as --ind (restricted unpickler)")
     parser.add_argument("-o", "--outdir", required=True, metavar="DIR", help="output folder")
@@ -62,6 +69,15 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.level_percentile < 100:
         raise InputError(f"--level-percentile must lie between 0 and 100, got {args.level_percentile}")
+    if args.landscape is not None:
+        from drgn_core.landscape import state_indices
+
+        if args.state is None:
+            raise InputError("--landscape needs --state K (the state to export)")
+        args.ind = str(state_indices(args.landscape, args.state))
+        args.name = args.name or f"state_{args.state}"
+    elif args.state is not None:
+        raise InputError("--state needs --landscape DIR")
     table = read_table(args.table)
     indices = read_index_file(args.ind, len(table), allow_pickle=args.allow_pickle)
     name = args.name or Path(args.ind).stem

@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--benchmarks", metavar="DIR",
                         help="Snakemake benchmark folder of this run (DIR/<stage>/<job>.tsv; the workflow's "
                              "is results/benchmarks)")
+    parser.add_argument("--landscape", metavar="DIR", help="output folder of drgn landscape (a state table)")
     parser.add_argument("-o", "--output", required=True, metavar="summary.json", help="output JSON")
     parser.add_argument("--html", metavar="summary.html", help="also write the tables as an HTML page")
     parser.add_argument("--rst", metavar="summary.rst", help="also write the tables as reStructuredText")
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         table=Path(args.table) if args.table else None, filter_dir=folder(args.filter_dir),
         pilots=[folder(p) for p in args.pilot], highres=folder(args.highres),
         backproject=folder(args.backproject), metrics=[Path(m) for m in args.metrics],
-        benchmarks=folder(args.benchmarks))
+        benchmarks=folder(args.benchmarks), landscape=folder(args.landscape))
     outputs = [args.output, args.html, args.rst]
     refuse_overwrite_input(outputs, [args.table, *args.metrics])
     summary = build_summary(inputs)

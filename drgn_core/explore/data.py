@@ -41,6 +41,8 @@ class ExploreData:
     filter_dir: Path | None = None
     kmeans_centres: np.ndarray | None = None   # (k, zdim) on-data centres, from the analysis
     kmeans_rows: np.ndarray | None = None      # positions of those centres
+    landscape_dir: Path | None = None          # drgn landscape folder: the 'state' column and state maps
+    n_states: int = 0
     sources: dict = field(default_factory=dict)
 
     @property
@@ -65,17 +67,19 @@ class ExploreData:
             finite = v[np.isfinite(v)]
             lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
             ranges[k] = [lo, hi]
-        cat = [k for k in self.columns if k in ("kmeans", "filter_kept", "held_out", "gt_state", "gt_junk",
-                                                "gt_volume")]
+        cat = [k for k in self.columns if k in ("state", "kmeans", "filter_kept", "held_out", "gt_state",
+                                                "gt_junk", "gt_volume")]
         default_xy = (["UMAP1", "UMAP2"] if "UMAP1" in self.columns else ["PC1", "PC2"] if "PC2" in
                       self.columns else ["z1", "|z|"])
         return {"n": self.n, "zdim": self.zdim, "n_sample": len(self.sample), "columns": list(self.columns),
                 "groups": self.groups, "ranges": ranges, "categorical": cat, "default_axes": default_xy,
-                "default_colour": "kmeans" if "kmeans" in self.columns else default_xy[0],
+                "default_colour": next((c for c in ("state", "kmeans") if c in self.columns), default_xy[0]),
                 "run": str(self.run_dir), "table": str(self.table_path) if self.table_path else None,
                 "analysis": str(self.analysis_dir) if self.analysis_dir else None,
                 "has_images": self.table is not None, "can_export": self.table is not None,
                 "n_kmeans": 0 if self.kmeans_centres is None else len(self.kmeans_centres),
+                "n_states": self.n_states,
+                "landscape": str(self.landscape_dir) if self.landscape_dir else None,
                 "sources": self.sources}
 
     def positions_of_rows(self, rows: np.ndarray, what: str) -> np.ndarray:
@@ -92,14 +96,15 @@ class ExploreData:
         return pos
 
 
-def _analysis_for(run_dir: Path, analysis: str | os.PathLike | None) -> Path | None:
-    """The analysis folder of the run: the one given, or `analyze/` beside the run (workflow layout)."""
+def _analysis_for(run_dir: Path, analysis: str | os.PathLike | None, name: str = "analyze") -> Path | None:
+    """The analysis folder of the run: the one given, or `<name>/` beside the run (workflow layout:
+    analyze/ for drgn analyze, landscape/ for drgn landscape), if its summary.json names this run."""
     if analysis is not None:
         a = Path(analysis)
         if not (a / "summary.json").exists():
-            raise InputError("is not a drgn analyze folder (no summary.json)", a)
+            raise InputError(f"is not a drgn {name} folder (no summary.json)", a)
         return a
-    guess = run_dir.parent / "analyze"
+    guess = run_dir.parent / name
     if (guess / "summary.json").exists():
         try:
             recorded = json.loads((guess / "summary.json").read_text()).get("run", "")
@@ -129,7 +134,8 @@ def _table_for(run_dir: Path, table: str | os.PathLike | None) -> Path | None:
 
 def load_explore_data(run_dir: str | os.PathLike, analysis: str | os.PathLike | None = None,
                       table: str | os.PathLike | None = None, filter_dir: str | os.PathLike | None = None,
-                      max_points: int = MAX_POINTS, seed: int = 0, log=print) -> ExploreData:
+                      max_points: int = MAX_POINTS, seed: int = 0, log=print,
+                      landscape: str | os.PathLike | None = None) -> ExploreData:
     """Read the run, its analysis, table and filter verdict into columns (see the module docstring)."""
     run = runlink.load_run(run_dir)
     run_dir = Path(run.run_dir)
@@ -173,6 +179,19 @@ def load_explore_data(run_dir: str | os.PathLike, analysis: str | os.PathLike | 
                 km_rows = order[np.searchsorted(run.indices, rows, sorter=order)]
             except (IndexError, ValueError):
                 km_rows = None
+
+    # landscape states: drgn landscape's particle_states.npy, the one particle → state mapping
+    ldir = _analysis_for(run_dir, landscape, "landscape")
+    n_states = 0
+    if ldir is not None:
+        sources["landscape"] = str(ldir)
+        states = runlink.read_npy(ldir / "particle_states.npy", n, "landscape states")
+        add("landscape", "state", states)
+        n_states = int(json.loads((ldir / "summary.json").read_text())["states"]["n_states"])
+        if (ldir / "particle_vol_pca.npy").exists():
+            vpc = runlink.read_npy(ldir / "particle_vol_pca.npy", n, "volume-PC coordinates")
+            for i in range(min(vpc.shape[1], 3)):
+                add("landscape", f"volPC{i + 1}", vpc[:, i])
 
     held = runlink.held_out_mask(run_dir, run.indices)
     if held is not None:
@@ -219,7 +238,7 @@ def load_explore_data(run_dir: str | os.PathLike, analysis: str | os.PathLike | 
     log(f"explore: {n} particles, {run.zdim}-D latent, {len(cols)} columns; drawing "
         f"{len(sample)} of them" + (f" (all computations use all {n})" if len(sample) < n else ""))
     return ExploreData(run_dir, run.indices, z, cols, groups, sample.astype(np.int64), tab, tpath, adir, fdir,
-                       km_centres, km_rows, sources)
+                       km_centres, km_rows, ldir, n_states, sources)
 
 
 def stderr_log(msg: str) -> None:

@@ -384,10 +384,26 @@ class Handler(BaseHTTPRequestHandler):
         m = self.app.maps.get(str(body.get("id", "")))
         name = sel.check_name(body.get("name"))
         D = _int(body, "D", 4, 512) if body.get("D") else self.app.box()
-        if m.volume.shape[-1] != D or not m.exact:   # viewed at a smaller box or in bf16: decode exactly
+        if m.decoded and (m.volume.shape[-1] != D or not m.exact):  # viewed smaller or in bf16: decode again
             m = self.app.maps.decode(m.z, m.label, D=D, exact=True)
         path = save_map(m, self.app.out_dir / "volumes" / f"{name}.mrc")
         self._json({"path": str(path), "apix": m.apix, "D": int(m.volume.shape[-1])})
+
+    def post_api_state_map(self, q, body) -> None:
+        """The mean map of landscape state k (states/state_k/mean.mrc of the landscape folder), for viewing
+        and saving like a decoded map; its latent is the mean z of the state's particles."""
+        from drgn_core.explore.volumes import add_map
+        from drgn_core.io.mrc import read_mrc
+
+        d = self.app.data
+        if d.landscape_dir is None:
+            raise HttpError(400, "no landscape states: the run has no drgn landscape folder (--landscape)")
+        k = _int(body, "k", 0, d.n_states - 1)
+        vol, apix = read_mrc(Path(d.landscape_dir) / "states" / f"state_{k}" / "mean.mrc", mmap=False)
+        in_state = d.column("state") == k
+        z = d.z[in_state].mean(0) if in_state.any() else np.zeros(d.zdim, np.float32)
+        m = add_map(self.app.maps, vol, apix, f"state {k} mean map ({int(in_state.sum())} particles)", z)
+        self._json(m.info())
 
     def get_api_kmeans(self, q) -> None:
         d = self.app.data

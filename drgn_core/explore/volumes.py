@@ -32,6 +32,7 @@ class Map:
     apix: float
     label: str
     exact: bool = True     # decoded in float32 (False: bf16 autocast, for viewing only)
+    decoded: bool = True   # False: read from a file (a landscape state's mean map), saved as it is
 
     def info(self) -> dict:
         v = self.volume
@@ -95,6 +96,16 @@ class MapCache:
             while sum(x.volume.nbytes for x in self._maps.values()) > self.max_bytes and len(self._maps) > 1:
                 self._maps.popitem(last=False)
             return m
+
+
+def add_map(cache: MapCache, vol: np.ndarray, apix: float, label: str, z: np.ndarray) -> Map:
+    """Put a map that was not decoded here (a landscape state's mean map) into the session's cache."""
+    key = hashlib.sha1(label.encode() + np.ascontiguousarray(vol[::4, ::4, ::4]).tobytes()).hexdigest()[:16]
+    m = Map(key, np.asarray(z, np.float32), np.asarray(vol, np.float32), float(apix), label, decoded=False)
+    with cache._lock:
+        cache._maps[key] = m
+        cache._maps.move_to_end(key)
+    return m
 
 
 def mesh_bytes(m: Map, level: float) -> bytes:

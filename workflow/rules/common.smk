@@ -50,6 +50,7 @@ ABINIT_DIR = f"{R}/abinit"
 TABLE = f"{ABINIT_DIR}/poses.star" if ABINIT else IMPORTED
 HIGHRES = f"{R}/highres/train"
 FILTER = f"{R}/filter"
+LANDSCAPE = f"{R}/highres/landscape"
 # Job logs and Snakemake benchmark files live under the results folder too, so two configs run from one
 # directory (different `results`) keep their own, and the summary reads only its own run's run times.
 LOGS = f"{R}/logs"
@@ -286,6 +287,7 @@ def get_summary_inputs(wildcards=None):
         "analyze": f"{R}/highres/analyze",
         "traverse": f"{R}/highres/traverse",
         "export": f"{R}/export",
+        **({"landscape": LANDSCAPE} if config["landscape"]["enabled"] else {}),
     }
     return inputs
 
@@ -298,9 +300,24 @@ def get_final_outputs():
         f"{R}/export",
         f"{R}/highres/analyze",
         f"{R}/highres/traverse",
+        *([LANDSCAPE] if config["landscape"]["enabled"] else []),
         *get_backproject_outputs(),
         *get_metrics_files(),
     ]
+
+
+def get_landscape_flags():
+    """`drgn landscape` options from the config's landscape section (null keys: the command's defaults)."""
+    c = config["landscape"]
+    flags = [
+        f"--pcs {c['pcs']}",
+        f"--states {c['states']}",
+        f"--cluster {c['cluster']}",
+        f"--seed {c['seed']}",
+    ]
+    flags += [f"--maps {c['maps']}"] if c["maps"] is not None else []
+    flags += [f"-D {c['D']}"] if c["D"] is not None else []
+    return " ".join([*flags, c["extra"]]).strip()
 
 
 def get_traverse_anchors():
@@ -332,12 +349,15 @@ def describe_map_series(folder):
     """What a volume-series folder of drgn analyze / drgn traverse holds, in words, for the report."""
     if folder.startswith("kmeans"):
         return f"k-means centres, k = {folder[len('kmeans'):]}"
+    if folder.startswith("vol_pc"):
+        return f"landscape, along volume PC{folder[len('vol_pc'):]}"
     if folder.startswith("pc"):
         return f"along PC{folder[len('pc'):]}"
     named = {
         "percentiles": "z percentiles",
         "labels": "label means",
         "volumes": "along the traversal",
+        "maps": "landscape maps (k-means centres)",
     }
     return named.get(folder, folder)
 

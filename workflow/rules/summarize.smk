@@ -39,9 +39,14 @@ rule summarize:
             if input.backproject
             else ""
         ),
+        landscape_flag=lambda wildcards, input: (
+            f"--landscape {dict(input.items())['landscape']}"
+            if "landscape" in dict(input.items())
+            else ""
+        ),
         benchmark_dir=BENCHMARKS,
         version=DRGN_VERSION,
     shell:
         "drgn summarize --table {input.table} --filter-dir {params.filter_dir} "
         "--pilot {params.pilot_dirs} --highres {params.highres_dir} {params.backproject_flag} "
-        "{params.metrics_flags} --benchmarks {params.benchmark_dir} -o {output.json} --html {output.html} > {log} 2>&1"
+        "{params.metrics_flags} {params.landscape_flag} --benchmarks {params.benchmark_dir} -o {output.json} --html {output.html} > {log} 2>&1"

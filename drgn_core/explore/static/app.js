@@ -412,6 +412,7 @@ async function main() {
   fillSelect($("ccol"), meta.columns, state.c);
   fillSelect($("hcol"), meta.columns, meta.columns.includes("defocus") ? "defocus" : "|z|");
   fillSelect($("kcentre"), Array.from({ length: meta.n_kmeans }, (_, k) => String(k)), "0");
+  fillSelect($("lstate"), Array.from({ length: meta.n_states }, (_, k) => String(k)), "0");
   state.samplePos = new Int32Array(await call("/api/sample", { binary: true }));
   await loadPoints();
   setupScatter();
@@ -466,6 +467,18 @@ async function main() {
   }));
   $("vol-mean").addEventListener("click", guard(() => decode({ kind: "mean", selection: selection() })));
   $("vol-kmeans").addEventListener("click", guard(() => decode({ kind: "kmeans", k: parseInt($("kcentre").value, 10) })));
+  // a landscape state: selected by its label (the landscape's own particle → state mapping), mean map shown
+  $("state-select").addEventListener("click", guard(async () => {
+    if (!state.meta.n_states) throw new Error("no landscape states (drgn explore --landscape DIR)");
+    const k = parseInt($("lstate").value, 10);
+    state.shapes = []; state.thresholds = { state: [k, k] };
+    $("selname").value = `state_${k}`;
+    await loadHist(); await refreshSelection();
+  }));
+  $("vol-state").addEventListener("click", guard(async () => {
+    if (!state.meta.n_states) throw new Error("no landscape states (drgn explore --landscape DIR)");
+    await showMaps([await call("/api/state_map", { body: { k: parseInt($("lstate").value, 10) } })]);
+  }));
   $("level").addEventListener("change", guard(async () => {
     const m = state.maps[state.mapIndex];
     if (!m) return;
