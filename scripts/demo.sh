@@ -4,7 +4,7 @@
 # Usage: bash scripts/demo.sh [extra snakemake arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --run-only
 export PATH="$(pwd)/.venv/bin:$PATH" MPLBACKEND=Agg
 snakemake --profile profiles/local "$@"
 snakemake --profile profiles/local --report results/report.html

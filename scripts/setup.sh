@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment in .venv and install drgnflow with the workflow
-# and test extras. Safe to run repeatedly. Usage: bash scripts/setup.sh
+# and test extras. Safe to run repeatedly. Usage: bash scripts/setup.sh [--run-only]
+# --run-only (scripts/demo.sh uses it): only what running the workflow needs, no test tools and no
+# browser for the tests: a first demo then spends no minutes on apt-get and the dev extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+RUN_ONLY=$([ "${1:-}" = "--run-only" ] && echo 1 || echo "")
+EXTRAS=$([ -n "$RUN_ONLY" ] && echo workflow || echo workflow,dev)
 PY=${PYTHON:-python3}
 # drgn explore's browser tests drive Debian's chromium through Playwright (never `playwright install`).
-if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+if [ -z "$RUN_ONLY" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
   SUDO=$([ "$(id -u)" -eq 0 ] && echo "" || echo sudo)
   { $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends chromium; } ||
     echo "warning: could not install chromium (needs root or sudo); tests/test_explore.py will be skipped" >&2
@@ -20,5 +24,5 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "${DRGN_TORCH_SPEC:-torch==2.13.0}"
 fi
-.venv/bin/python -m pip install -q -e ".[workflow,dev]"
+.venv/bin/python -m pip install -q -e ".[$EXTRAS]"
 echo "drgnflow installed in $(pwd)/.venv — activate with: source .venv/bin/activate"

@@ -224,3 +224,40 @@ def test_analyze_cli_errors(tmp_path, capsys):
     assert main(["analyze", str(run), "-o", str(run)]) == 2
     assert "output folder would replace the input" in capsys.readouterr().err
     assert (run / "z.npy").exists()
+
+
+def test_exact_knn_matches_brute_force_with_self_first():
+    """exact_knn returns each row's k nearest by Euclidean distance, the row itself first at distance 0,
+    even when a duplicate row ties with it."""
+    rng = np.random.default_rng(7)
+    z = rng.normal(size=(200, 6)).astype(np.float32)
+    z[5] = z[9]  # a tie at distance 0
+    idx, dist, none = analysis.exact_knn(z, 8)
+    assert none is None and idx.shape == dist.shape == (200, 8)
+    assert (idx[:, 0] == np.arange(200)).all() and (dist[:, 0] == 0).all()
+    d = np.linalg.norm(z[:, None].astype(np.float64) - z[None].astype(np.float64), axis=-1)
+    ref = np.sort(d, axis=1)[:, :8]
+    np.testing.assert_allclose(dist, ref, atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(d, idx.astype(np.int64), axis=1), ref, atol=1e-5)
+    assert 9 in idx[5] and 5 in idx[9]
+
+
+@pytest.mark.slow  # compiles umap-learn's own neighbour path: ~40 s on two busy cores
+def test_run_umap_exact_neighbours_give_umaps_own_graph():
+    """Below umap-learn's exact-distance threshold, handing it exact_knn builds the fuzzy graph of its own
+    pairwise-distance path: the same edges but for near-ties, with weights within a few hundredths (its
+    distances are float32 sums, ours float64), and run_umap says it used them."""
+    import umap
+
+    rng = np.random.default_rng(3)
+    z, _ = clusters(rng, rng.normal(size=(3, 10)) * 4, [120, 120, 120], scale=0.7)
+    kw = {"n_neighbors": analysis.UMAP_NEIGHBORS, "min_dist": 0.1, "random_state": 0}
+    own = umap.UMAP(**kw).fit(z).graph_
+    ours = umap.UMAP(**kw, precomputed_knn=analysis.exact_knn(z, analysis.UMAP_NEIGHBORS)).fit(z).graph_
+    assert own.shape == ours.shape and own.nnz == ours.nnz
+    # the same edges but for near-ties at the k-th neighbour, which float32 vs float64 distances may swap
+    assert ((own != 0).astype(int) - (ours != 0).astype(int)).nnz <= 0.002 * own.nnz
+    assert abs(own - ours).max() < 0.05 and abs(own - ours).sum() / abs(own).sum() < 0.01
+    res = analysis.run_umap(z, seed=0)
+    assert res.info["neighbours"] == "exact" and res.info["transformed_rows"] == 0
+    assert np.isfinite(res.embedding).all()
