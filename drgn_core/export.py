@@ -273,6 +273,16 @@ def _poses_file(table: ParticleTable) -> tuple[Path | None, np.ndarray | None, n
     return path, rows, uids
 
 
+def _write_cs_pair(cs_path: Path, csg_path: Path, dataset, group: str) -> None:
+    """A cryoSPARC dataset and the .csg group file that names it, each written atomically (cryoSPARC's
+    Import Result Group reads the pair; neither may be left half-written)."""
+    with atomic_path(cs_path) as tmp:
+        with open(tmp, "wb") as f:
+            dataset.save(f)
+    with atomic_path(csg_path) as tmp:
+        tmp.write_text(group)
+
+
 def export_subset(table: ParticleTable, indices: np.ndarray, outdir: str | os.PathLike,
                   source: str | os.PathLike | None = None, name: str = "subset",
                   volumes_dir: str | os.PathLike | None = None, level_percentile: float = 99.0,
@@ -377,17 +387,9 @@ def export_subset(table: ParticleTable, indices: np.ndarray, outdir: str | os.Pa
         with atomic_path(outputs["star"]) as tmp:
             tmp.write_text(star_text)
     else:
-        with atomic_path(outputs["cs"]) as tmp:
-            with open(tmp, "wb") as f:
-                sub.save(f)
-        with atomic_path(outputs["csg"]) as tmp:
-            tmp.write_text(group)
+        _write_cs_pair(outputs["cs"], outputs["csg"], sub, group)
     if "poses_cs" in outputs:
-        with atomic_path(outputs["poses_cs"]) as tmp:
-            with open(tmp, "wb") as f:
-                poses_sub.save(f)
-        with atomic_path(outputs["poses_csg"]) as tmp:
-            tmp.write_text(poses_group)
+        _write_cs_pair(outputs["poses_cs"], outputs["poses_csg"], poses_sub, poses_group)
     if "relion_star" in outputs:
         from drgn_core.io.star import write_relion_star
 
