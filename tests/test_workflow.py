@@ -52,7 +52,7 @@ from drgn_core.errors import InputError
 # Rules downstream of the filter (what a changed filter setting must rerun), and upstream of it.
 DOWNSTREAM_OF_FILTER = {"write_filter_spec", "filter_particles", "train_highres", "analyze_highres",
                         "traverse_highres", "backproject_kept", "evaluate_highres", "export_kept",
-                        "summarize", "all"}
+                        "landscape_highres", "summarize", "all"}
 UPSTREAM_OF_FILTER = {"simulate_particles", "downsample", "train_pilot", "evaluate_pilot"}
 
 
@@ -191,7 +191,7 @@ def test_empty_config_takes_schema_defaults():
      "key 'filter.pilots[0].filters[0]': a filter is one key naming its kind"),
     ({"filter": {"pilots": [{"zdim": 1, "filters": [{"median": {}}]}]}},
      "key 'filter.pilots[0].filters[0]': unknown key 'median' "
-     "(allowed: box, gmm, kmeans, norm, selection, threshold)"),
+     "(allowed: abinit_confidence, box, gmm, kmeans, norm, selection, threshold)"),
     # cross-field rules
     ({"pilot": {"D": 32}, "highres": {"D": 33}}, "key 'highres.D': box size 33 must be even"),
     ({"pilot": {"D": 64}, "highres": {"D": 48}},
