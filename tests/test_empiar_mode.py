@@ -174,7 +174,7 @@ def test_empiar_mode_end_to_end_equals_star_mode(empiar_run):
     assert np.array_equal(np.load(a / "filter" / "kept.npy"), np.load(b / "filter" / "kept.npy"))
     metrics = []
     for run in (a, b):
-        out = run / "gt_metrics.json"
+        out = root / f"gt_metrics_{run.parent.name}.json"  # outside results/: the kill test compares that
         subprocess.run(["drgn", "evaluate", str(run / "highres" / "train"), "--table",
                         str(sim / "table.star"), "--gt-dir", str(sim / "gt_volumes"), "--filter-dir",
                         str(run / "filter"), "--n-fsc", "4", "-o", str(out)],

@@ -123,10 +123,11 @@ def _import_options(config: dict) -> str:
     import shlex
 
     text = (Path(__file__).resolve().parents[1] / "workflow" / "rules" / "common.smk").read_text()
+    from drgn_core.config_check import uses_abinit
     from drgn_core.fetch import workflow as empiar_mode
 
     scope = {"config": config, "shlex": shlex, "empiar_mode": empiar_mode,
-             "EMPIAR": config["input"]["mode"] == "empiar"}
+             "EMPIAR": config["input"]["mode"] == "empiar", "ABINIT": uses_abinit(config)}
     for name in ("get_second_file", "get_import_options"):
         start = text.index(f"def {name}")
         exec(text[start:text.index("\ndef ", start + 1)], scope)
