@@ -12,6 +12,7 @@ scores the removed set against drgnGtJunk; F1 must reach 0.9 (the full-size demo
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,18 +29,23 @@ PILOT = ["--enc-dim", "128", "--enc-layers", "3", "--dec-dim", "128", "--dec-lay
          "--device", "cpu", "--threads", "2"]
 
 
-@pytest.fixture(scope="module")
-def pilots(tmp_path_factory):
-    root = tmp_path_factory.mktemp("junk")
+def simulate_pilots(root: Path, junk_fraction: float, seed: int, zdims: tuple[int, ...]):
+    """1200 simulated particles (D 32) with `junk_fraction` junk, and a pilot per zdim trained with PILOT
+    (shared by the junk test here and the junk-free test in test_outlier_rule.py)."""
     data = root / "data"
     assert main(["simulate", "-o", str(data), "--n", "1200", "-D", "32", "--apix", "6", "--snr", "0.5",
-                 "--junk-fraction", "0.1", "--seed", "3", "--quiet"]) == 0
+                 "--junk-fraction", str(junk_fraction), "--seed", str(seed), "--quiet"]) == 0
     runs = {}
-    for zdim in (1, 10):
+    for zdim in zdims:
         runs[zdim] = root / f"z{zdim}"
         assert main(["train", str(data / "table.star"), str(data / "particles.mrcs"), "-o", str(runs[zdim]),
                      "--zdim", str(zdim), *PILOT]) == 0
     return data, runs
+
+
+@pytest.fixture(scope="module")
+def pilots(tmp_path_factory):
+    return simulate_pilots(tmp_path_factory.mktemp("junk"), 0.1, 3, (1, 10))
 
 
 def test_pilots_and_filter_remove_injected_junk(pilots, tmp_path):

@@ -31,18 +31,10 @@ def example_spec(config: Path, runs: dict[int, Path]) -> dict:
 
 @pytest.fixture(scope="module")
 def clean_pilots(tmp_path_factory):
-    from test_junk_filter import PILOT  # the junk test's pilot settings (imported here: it imports us)
+    from test_junk_filter import simulate_pilots  # the junk test's pilots (imported here: it imports us)
 
-    root = tmp_path_factory.mktemp("clean")
-    data = root / "data"
-    assert main(["simulate", "-o", str(data), "--n", "1200", "-D", "32", "--apix", "6", "--snr", "0.5",
-                 "--junk-fraction", "0", "--seed", "4", "--quiet"]) == 0
-    runs = {}
-    for zdim in (10,):  # every example filters its 10-D pilot only
-        runs[zdim] = root / f"z{zdim}"
-        assert main(["train", str(data / "table.star"), str(data / "particles.mrcs"), "-o", str(runs[zdim]),
-                     "--zdim", str(zdim), *PILOT]) == 0
-    return data, runs
+    # every example filters its 10-D pilot only
+    return simulate_pilots(tmp_path_factory.mktemp("clean"), 0, 4, (10,))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
