@@ -17,12 +17,27 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-# torch first, so that the torch range in pyproject.toml is already satisfied and pip does not pull the
-# newest (multi-GB CUDA) build. Set DRGN_TORCH_SPEC to choose another build, e.g. "torch==2.13.0" on a GPU box
-# gets the CUDA wheel from PyPI.
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/python -m pip install -q "${DRGN_TORCH_SPEC:-torch==2.13.0}"
+# uv installs the same packages as pip about five times faster (on the 2-core machine, with warm caches:
+# 16 s instead of 95 s), which is most of a first demo's set-up. pip remains the fallback. uv does not read
+# pip's configuration, so pip's find-links and constraint files (where a machine keeps local wheels, such
+# as a CPU build of torch) are handed to it.
+UV=$(command -v uv || true)
+if [ -z "$UV" ] && [ -z "${DRGN_NO_UV:-}" ] && .venv/bin/python -m pip install -q uv 2>/dev/null; then
+  UV=.venv/bin/uv
 fi
-.venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+TORCH=()
+# torch first (pip) or in the same resolution (uv), pinned, so that the torch range in pyproject.toml does
+# not pull the newest (multi-GB CUDA) build. Set DRGN_TORCH_SPEC to choose another build, e.g.
+# "torch==2.13.0" on a GPU box gets the CUDA wheel from PyPI.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  TORCH=("${DRGN_TORCH_SPEC:-torch==2.13.0}")
+fi
+if [ -n "$UV" ]; then
+  mapfile -t PIP_OPTS < <(.venv/bin/python scripts/pip_options_for_uv.py)
+  "$UV" pip install -q --python .venv/bin/python "${PIP_OPTS[@]}" "${TORCH[@]}" -e ".[$EXTRAS]"
+else
+  .venv/bin/python -m pip install -q --upgrade pip
+  if [ ${#TORCH[@]} -gt 0 ]; then .venv/bin/python -m pip install -q "${TORCH[@]}"; fi
+  .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+fi
 echo "drgnflow installed in $(pwd)/.venv — activate with: source .venv/bin/activate"
