@@ -40,4 +40,7 @@ else
   if [ ${#TORCH[@]} -gt 0 ]; then .venv/bin/python -m pip install -q "${TORCH[@]}"; fi
   .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
 fi
+# Compile what drgn_core imports, once (uv compiles nothing; with PYTHONDONTWRITEBYTECODE set, every job of
+# a workflow would otherwise compile its imports again): see scripts/precompile.py.
+.venv/bin/python scripts/precompile.py
 echo "drgnflow installed in $(pwd)/.venv — activate with: source .venv/bin/activate"
