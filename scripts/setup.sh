@@ -21,9 +21,10 @@ fi
 # 16 s instead of 95 s), which is most of a first demo's set-up. pip remains the fallback. uv does not read
 # pip's configuration, so pip's find-links and constraint files (where a machine keeps local wheels, such
 # as a CPU build of torch) are handed to it.
-UV=$(command -v uv || true)
-if [ -z "$UV" ] && [ -z "${DRGN_NO_UV:-}" ] && .venv/bin/python -m pip install -q uv 2>/dev/null; then
-  UV=.venv/bin/uv
+UV=""
+if [ -z "${DRGN_NO_UV:-}" ]; then
+  UV=$(command -v uv || true)
+  if [ -z "$UV" ] && .venv/bin/python -m pip install -q uv 2>/dev/null; then UV=.venv/bin/uv; fi
 fi
 TORCH=()
 # torch first (pip) or in the same resolution (uv), pinned, so that the torch range in pyproject.toml does
