@@ -59,7 +59,7 @@ from drgn_core.models import (
     model_payload,
     vae_loss,
 )
-from drgn_core.pixel_select import DecoderPixels, decoder_pixels
+from drgn_core.pixel_select import DecoderPixels, decoder_pixels, snr_by_radius
 from drgn_core.progress import progress_bar
 from drgn_core.rundir import resolve_device
 
@@ -98,6 +98,7 @@ class TrainConfig:
     log_steps: bool = False           # also write train_steps.csv: the global batch's losses at every step
     curriculum: str = ""              # --curriculum R:E,...: Fourier radius per phase (drgn_core.curriculum)
     pixel_keep: float = 1.0           # --pixel-keep F: decoder at each image's top-F pixels by CTF²
+    pixel_by: str = "ctf2"            # --pixel-by: rank pixels by ctf2 | snr (CTF² × spectral SNR)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -464,6 +465,8 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
     restricted = curriculum_epochs(resolve_curriculum(tcfg.curriculum, source.D, tcfg.epochs))  # checked here
     if not 0.0 < tcfg.pixel_keep <= 1.0:
         raise DrgnError(f"--pixel-keep must be in (0, 1], got {tcfg.pixel_keep}")
+    if tcfg.pixel_by not in ("ctf2", "snr"):
+        raise DrgnError(f"--pixel-by must be ctf2 or snr, got {tcfg.pixel_by!r}")
     if stored is not None:
         mcfg = ModelConfig.from_dict(stored["model"])
         if mcfg.D != source.D:
@@ -530,10 +533,11 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
     # ---- the loop
     model.train()
     auto = AutoStop(run, tcfg, device) if tcfg.auto_stop else None
+    snr = snr_by_radius(data, train_pos) if tcfg.pixel_keep < 1 and tcfg.pixel_by == "snr" else None
     while state.epoch < tcfg.epochs and not state.stopped:
+        pixels = decoder_pixels(model, tcfg.curriculum, tcfg.pixel_keep, state.epoch, tcfg.epochs, snr)
         run_epoch(model, opt, gen, data, train_pos, tcfg, beta, amp, state, ck_path, run_config, progress,
-                  dist)
-        pixels = decoder_pixels(model, tcfg.curriculum, tcfg.pixel_keep, state.epoch, tcfg.epochs)
+                  dist, pixels)
         val = evaluate(model, data, val_pos, beta, amp, dist=dist, pixels=pixels)
         s_loss, s_mse, s_kl, n_img = state.sums
         row = {"epoch": state.epoch + 1, "loss": s_loss / n_img, "mse": s_mse / n_img, "kl": s_kl / n_img,
@@ -692,7 +696,8 @@ def overfitting_note(rows: list[dict], patience: int = 3, tolerance: float = 1e-
 
 def run_epoch(model: HetVAE, opt: torch.optim.Optimizer, gen: torch.Generator, data: ParticleData,
               train_pos: np.ndarray, tcfg: TrainConfig, beta: float, amp: torch.dtype | None, state: Progress,
-              ck_path: Path, run_config: dict, progress: bool, dist: Dist | None = None) -> None:
+              ck_path: Path, run_config: dict, progress: bool, dist: Dist | None = None,
+              pixels: DecoderPixels | None = None) -> None:
     """Train the rest of epoch `state.epoch` from batch `state.step`, checkpointing mid-epoch on a timer.
 
     `state.step` counts global batches. With several processes, every rank draws the epoch's order (a
@@ -708,7 +713,6 @@ def run_epoch(model: HetVAE, opt: torch.optim.Optimizer, gen: torch.Generator, d
     acc = torch.tensor(state.sums[:3], dtype=torch.float64, device=data.device)
     n_img = state.sums[3]
     params = [p for p in model.parameters() if p.requires_grad]
-    pixels = decoder_pixels(model, tcfg.curriculum, tcfg.pixel_keep, state.epoch, tcfg.epochs)
     step_rows: list[str] = []
     bar = progress_bar(total=steps, initial=state.step, desc=f"epoch {state.epoch + 1}/{tcfg.epochs}",
                        unit="batch", disable=not progress, leave=False, mininterval=1.0, file=sys.stderr)

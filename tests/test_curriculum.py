@@ -222,6 +222,30 @@ def test_pixel_keep_takes_the_top_k_by_ctf_squared_and_keep_one_is_the_default_l
         _close(ga, p.grad, 1e-5)
 
 
+def test_pixel_by_snr_ranks_by_ctf_squared_times_the_spectral_snr(tiny):
+    """--pixel-by snr: the kept pixels are the top-K by CTF²·SNR(r) for a given spectrum, and the spectrum
+    measured on the hinge images is high at low radii, where the amplitude contrast leaves CTF² small."""
+    from drgn_core.pixel_select import snr_by_radius
+
+    table = read_table(tiny.table)
+    model = HetVAE(ModelConfig(D=16, **SMALL_MODEL), generator=torch.Generator().manual_seed(0))
+    data = _data(tiny.stack, table, 2.0)
+    measured = snr_by_radius(data, np.arange(96))
+    assert measured.shape == (9,) and (measured >= 0).all()
+    assert measured[:3].min() > 10 * max(measured[-2:].max(), 0.1), measured
+    batch = next(data.batches(np.arange(16), 16))
+    snr = np.array([1e3, 3e2, 1e2, 10, 1, 0.1, 0, 0, 0])
+    px = DecoderPixels(model, radius=8, keep=0.5, snr=snr)
+    r = np.rint(np.linalg.norm(model.lattice.coords * 16, axis=1)).astype(int)
+    score = batch.ctf.double().pow(2).numpy() * (snr[r] + 1e-6)
+    idx = px.chosen(batch.ctf).numpy()
+    for i in range(16):
+        assert set(idx[i]) == set(np.argsort(-score[i], kind="stable")[:px.points])
+        assert {0, 1, 2} <= set(idx[i])  # the DC term and the first ring: CTF² ~ 0.01, kept for their SNR
+    top_ctf = torch.topk(batch.ctf.pow(2), px.points, dim=1).indices.numpy()
+    assert not any(0 in set(t) for t in top_ctf)  # by CTF² alone, the DC term is never kept
+
+
 def test_pixel_keep_normalises_by_the_whole_image(tiny):
     """The kept errors are divided by the whole image's in-circle pixel count: with K = P - 1, only the
     pixel of smallest CTF² is missing from the default MSE."""

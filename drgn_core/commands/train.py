@@ -44,7 +44,7 @@ MODEL_KEYS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_type
 TRAIN_KEYS = ("epochs", "auto_stop", "batch_size", "lr", "beta", "seed", "device", "precision", "threads",
               "val_frac",
               "checkpoint_every", "checkpoint_minutes", "data_mode", "chunk", "mix_chunks",
-              "encode_every", "log_steps", "stream_cache", "curriculum", "pixel_keep")
+              "encode_every", "log_steps", "stream_cache", "curriculum", "pixel_keep", "pixel_by")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,6 +91,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--pixel-keep", type=float, metavar="F",
                    help="evaluate the decoder at each image's top F of pixels by CTF² (the information "
                         "per pixel), F in (0, 1]: fewer decoder FLOPs per image (default 1: all)")
+    t.add_argument("--pixel-by", choices=["ctf2", "snr"],
+                   help="with --pixel-keep: rank pixels by CTF² (ctf2), or by CTF² times the spectral SNR "
+                        "measured on the training images (snr), which keeps the low-resolution pixels "
+                        "where the signal is (default ctf2)")
     t.add_argument("--val-frac", type=float,
                    help="fraction held out for the validation loss (default 0.1). Held-out particles' "
                    "latents come from an encoder that never saw them, and below ~1e5 particles they are "
