@@ -293,8 +293,8 @@ def save_snapshot(run: Path, model: HetVAE, mcfg: ModelConfig, epoch: int, mu: n
 
 
 LOG_COLUMNS = ("epoch", "loss", "mse", "kl", "val_loss", "val_mse", "val_kl", "images_per_s", "seconds",
-               "peak_mem_MiB", "lr", "latent_change", "neighbours_kept", "map_agreement", "radius",
-               "decoder_points")
+               "peak_mem_MiB", "lr", "radius", "decoder_points", "latent_change", "neighbours_kept",
+               "map_agreement")
 
 
 def peak_memory_mib(device: torch.device) -> float:
