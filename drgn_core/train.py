@@ -243,12 +243,14 @@ def evaluate(model: HetVAE, data: ParticleData, positions: np.ndarray, beta: flo
 
 @torch.no_grad()
 def encode_latents(model: HetVAE, data: ParticleData, amp: torch.dtype | None = None, batch_size: int = 256,
-                   progress: bool = True, dist: Dist | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   progress: bool = True, dist: Dist | None = None, pixels: DecoderPixels | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Posterior means and log-variances (N, zdim) float32 for every row of `data`, in row order.
 
     With several processes each encodes a contiguous share of the rows and the results are summed into
     zero-filled arrays (exact: every entry has one non-zero term), so every rank holds all rows in
-    canonical order.
+    canonical order. `pixels`: a snapshot taken inside a curriculum phase encodes what that phase's
+    encoder sees (the pixels inside its radius; drgn_core.pixel_select).
     """
     dist = dist or Dist()
     n, zdim = data.n, model.zdim
@@ -263,7 +265,7 @@ def encode_latents(model: HetVAE, data: ParticleData, amp: torch.dtype | None = 
                file=sys.stderr)
     for b in data.batches(mine, batch_size):
         with torch.autocast(b.y.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            mu, lv = model.encode(b.y, b.ctf)
+            mu, lv = model.encode(b.y if pixels is None else pixels.encoder_input(b.y), b.ctf)
         idx = b.pos.numpy()
         mu_all[idx], lv_all[idx] = mu.float().cpu().numpy(), lv.float().cpu().numpy()
         bar.update(len(idx))
@@ -547,7 +549,7 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
                "radius": mcfg.D // 2 if pixels is None else pixels.radius,
                "decoder_points": lattice.P if pixels is None else pixels.points}
         if auto is not None:  # snapshot this epoch, compare it with the last, decide (every rank encodes)
-            mu, _ = encode_latents(model, data, amp, progress=progress, dist=dist)
+            mu, _ = encode_latents(model, data, amp, progress=progress, dist=dist, pixels=pixels)
             if main:
                 save_snapshot(run, model, mcfg, row["epoch"], mu, amp)
                 row.update(auto.compare(row["epoch"], mu))
@@ -565,7 +567,7 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
         state.epoch, state.step, state.sums, state.seconds = state.epoch + 1, 0, [0.0] * 4, 0.0
         done = state.epoch == tcfg.epochs or bool(state.stopped)
         if tcfg.encode_every and state.epoch % tcfg.encode_every == 0 and not done and auto is None:
-            mu, _ = encode_latents(model, data, amp, progress=progress, dist=dist)  # every rank takes part
+            mu, _ = encode_latents(model, data, amp, progress=progress, dist=dist, pixels=pixels)  # all ranks
             if main:
                 save_snapshot(run, model, mcfg, state.epoch, mu, amp)
         if main and (state.epoch % tcfg.checkpoint_every == 0 or done):

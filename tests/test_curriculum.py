@@ -128,7 +128,8 @@ def test_curriculum_run_evaluates_fewer_decoder_points_and_resumes_mid_curriculu
         return forward(self, q, z)
 
     monkeypatch.setattr(FourierDecoder, "forward", counting)
-    args = ["train", str(tiny.table), str(tiny.stack), "--epochs", "3", "--curriculum", "4:1,6:1", *TINY]
+    args = ["train", str(tiny.table), str(tiny.stack), "--epochs", "3", "--curriculum", "4:1,6:1", *TINY,
+            "--encode-every", "1"]
     assert main([*args, "-o", str(tmp_path / "full")]) == 0
     run = tmp_path / "full"
     lat = HalfLattice(16)
@@ -141,6 +142,18 @@ def test_curriculum_run_evaluates_fewer_decoder_points_and_resumes_mid_curriculu
     assert list(log["radius"]) == [4, 6, 8] and list(log["decoder_points"]) == P
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["training"]["curriculum"] == "4:1,6:1" and cfg["training"]["pixel_keep"] == 1.0
+    # epoch 1's snapshot encodes what epoch 1's encoder saw: the pixels inside radius 4
+    from drgn_core.models import load_model
+
+    m1, cfg1 = load_model(run / "checkpoints" / "model.001.pt")
+    table = read_table(tiny.table)
+    batch = next(_data(tiny.stack, table, cfg1.norm_scale).batches(np.arange(16), 16))
+    with torch.no_grad():
+        mu_in, _ = m1.encode(DecoderPixels(m1, 4).encoder_input(batch.y), batch.ctf)
+        mu_all, _ = m1.encode(batch.y, batch.ctf)
+    z1 = np.load(run / "checkpoints" / "z.001.npy")[:16]
+    np.testing.assert_allclose(z1, mu_in.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(z1, mu_all.numpy(), rtol=1e-3)
 
     # interrupted in the first phase (after a mid-epoch checkpoint), then resumed: the same weights
     import drgn_core.train as train_mod
