@@ -261,11 +261,14 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def image_mse(pred: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, n_full: int) -> torch.Tensor:
     """Mean squared error per image over the full in-circle lattice, from half-lattice values → (B,).
 
-    pred, y (B, P, 2); weights (P,) = 2 off the DC term. For Hermitian pred and y this equals
+    pred, y (B, P, 2); weights (P,) = 2 off the DC term, or (B, P) when each image has its own pixels
+    (drgn_core.pixel_select). For Hermitian pred and y this equals
     Σ_{|k|<1/2} |ΔF(k)|² / N_pixels, which is also the mean squared Hartley-space error cryoDRGN reports
     (Σ ΔH² = Σ |ΔF|² over ± pairs).
     """
     err = (pred - y).pow(2).sum(-1)  # (B, P)
+    if weights.dim() == 2:
+        return (err * weights).sum(-1) / n_full
     return torch.matmul(err, weights) / n_full
 
 

@@ -44,6 +44,7 @@ import yaml
 from tqdm import tqdm
 
 from drgn_core import __version__
+from drgn_core.curriculum import curriculum_epochs, resolve_curriculum
 from drgn_core.data import ParticleData, estimate_norm_scale, open_particles
 from drgn_core.distributed import Dist, from_env, rank_device, sum_gradients_
 from drgn_core.errors import DrgnError, InputError
@@ -58,6 +59,7 @@ from drgn_core.models import (
     model_payload,
     vae_loss,
 )
+from drgn_core.pixel_select import DecoderPixels, decoder_pixels, snr_by_radius
 from drgn_core.progress import progress_bar
 from drgn_core.rundir import resolve_device
 
@@ -94,6 +96,9 @@ class TrainConfig:
     stream_cache: str = "run"         # streamed: prepared images cached in RUN/stream_cache | off | a folder
     encode_every: int = 0             # also write checkpoints/z.EEE.npy every N epochs (0: only at the end)
     log_steps: bool = False           # also write train_steps.csv: the global batch's losses at every step
+    curriculum: str = ""              # --curriculum R:E,...: Fourier radius per phase (drgn_core.curriculum)
+    pixel_keep: float = 1.0           # --pixel-keep F: decoder at each image's top-F pixels by CTF²
+    pixel_by: str = "ctf2"            # --pixel-by: rank pixels by ctf2 | snr (CTF² × spectral SNR)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -182,14 +187,18 @@ def _refuse_conflicts(stored: dict, given: dict, run: Path, resumable: frozenset
 
 
 # ---- one batch ----------------------------------------------------------------------------------------
-def batch_loss(model: HetVAE, batch, beta: float, amp: torch.dtype | None, gen: torch.Generator | None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, mean MSE, mean KL) of one batch; samples z from q(z | image) when `gen` is given, else z = μ."""
+def batch_loss(model: HetVAE, batch, beta: float, amp: torch.dtype | None, gen: torch.Generator | None,
+               pixels: DecoderPixels | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, mean MSE, mean KL) of one batch; samples z from q(z | image) when `gen` is given, else z = μ.
+
+    `pixels` (drgn_core.pixel_select) restricts the decoder to a Fourier radius and/or each image's top
+    pixels by CTF²; None is every pixel."""
     dev = batch.y.device
     with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         mu = logvar = z = None
         if model.zdim > 0:
-            mu, logvar = model.encode(batch.y, batch.ctf)                      # (B, zdim) each
+            y_enc = batch.y if pixels is None else pixels.encoder_input(batch.y)
+            mu, logvar = model.encode(y_enc, batch.ctf)                        # (B, zdim) each
             z = mu
             if gen is not None:
                 # one draw per image of the *global* batch, this rank keeping its rows: the same noise for
@@ -198,15 +207,20 @@ def batch_loss(model: HetVAE, batch, beta: float, amp: torch.dtype | None, gen: 
                 eps = torch.randn((n_glob, mu.shape[1]), generator=gen, device=dev)
                 eps = eps[batch.lo:batch.lo + mu.shape[0]] if batch.n_global > 0 else eps
                 z = mu + eps * torch.exp(0.5 * logvar)
-        pred = model.slice(batch.A, z) * batch.ctf[..., None]                 # (B, P, 2)
-    mse = image_mse(pred, batch.y, model.weights, model.lattice.n_full)       # (B,)
-    loss, kl = vae_loss(mse, mu, logvar, beta, model.lattice.n_full)
+        if pixels is None:
+            pred, y, w = model.slice(batch.A, z) * batch.ctf[..., None], batch.y, model.weights  # (B, P, 2)
+        else:
+            pred, y, w = pixels.predict(model, batch, z)
+    n_full = model.lattice.n_full if pixels is None else pixels.n_full
+    mse = image_mse(pred, y, w, n_full)                                       # (B,)
+    loss, kl = vae_loss(mse, mu, logvar, beta, n_full)
     return loss, mse.mean(), kl
 
 
 @torch.no_grad()
 def evaluate(model: HetVAE, data: ParticleData, positions: np.ndarray, beta: float, amp: torch.dtype | None,
-             batch_size: int = 64, dist: Dist | None = None) -> dict[str, float]:
+             batch_size: int = 64, dist: Dist | None = None, pixels: DecoderPixels | None = None
+             ) -> dict[str, float]:
     """Mean loss, MSE and KL over `positions` at z = μ (deterministic, uses no random numbers).
 
     With several processes each evaluates its share of `positions` and the sums are added up: every rank
@@ -219,7 +233,7 @@ def evaluate(model: HetVAE, data: ParticleData, positions: np.ndarray, beta: flo
     model.eval()
     sums = np.zeros(3)
     for b in data.batches(dist.shard(positions), batch_size):
-        loss, mse, kl = batch_loss(model, b, beta, amp, None)
+        loss, mse, kl = batch_loss(model, b, beta, amp, None, pixels)
         sums += len(b.pos) * np.array([loss.item(), mse.item(), kl.item()])
     if dist.active:
         sums = dist.all_reduce_(torch.from_numpy(sums).to(data.device)).cpu().numpy()
@@ -229,12 +243,14 @@ def evaluate(model: HetVAE, data: ParticleData, positions: np.ndarray, beta: flo
 
 @torch.no_grad()
 def encode_latents(model: HetVAE, data: ParticleData, amp: torch.dtype | None = None, batch_size: int = 256,
-                   progress: bool = True, dist: Dist | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   progress: bool = True, dist: Dist | None = None, pixels: DecoderPixels | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Posterior means and log-variances (N, zdim) float32 for every row of `data`, in row order.
 
     With several processes each encodes a contiguous share of the rows and the results are summed into
     zero-filled arrays (exact: every entry has one non-zero term), so every rank holds all rows in
-    canonical order.
+    canonical order. `pixels`: a snapshot taken inside a curriculum phase encodes what that phase's
+    encoder sees (the pixels inside its radius; drgn_core.pixel_select).
     """
     dist = dist or Dist()
     n, zdim = data.n, model.zdim
@@ -249,7 +265,7 @@ def encode_latents(model: HetVAE, data: ParticleData, amp: torch.dtype | None = 
                file=sys.stderr)
     for b in data.batches(mine, batch_size):
         with torch.autocast(b.y.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            mu, lv = model.encode(b.y, b.ctf)
+            mu, lv = model.encode(b.y if pixels is None else pixels.encoder_input(b.y), b.ctf)
         idx = b.pos.numpy()
         mu_all[idx], lv_all[idx] = mu.float().cpu().numpy(), lv.float().cpu().numpy()
         bar.update(len(idx))
@@ -279,7 +295,8 @@ def save_snapshot(run: Path, model: HetVAE, mcfg: ModelConfig, epoch: int, mu: n
 
 
 LOG_COLUMNS = ("epoch", "loss", "mse", "kl", "val_loss", "val_mse", "val_kl", "images_per_s", "seconds",
-               "peak_mem_MiB", "lr", "latent_change", "neighbours_kept", "map_agreement")
+               "peak_mem_MiB", "lr", "radius", "decoder_points", "latent_change", "neighbours_kept",
+               "map_agreement")
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -447,6 +464,11 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
     device = rank_device(resolve_device(tcfg.device), dist)
     amp = resolve_precision(tcfg.precision, device)
     lattice = HalfLattice(source.D)
+    restricted = curriculum_epochs(resolve_curriculum(tcfg.curriculum, source.D, tcfg.epochs))  # checked here
+    if not 0.0 < tcfg.pixel_keep <= 1.0:
+        raise DrgnError(f"--pixel-keep must be in (0, 1], got {tcfg.pixel_keep}")
+    if tcfg.pixel_by not in ("ctf2", "snr"):
+        raise DrgnError(f"--pixel-by must be ctf2 or snr, got {tcfg.pixel_by!r}")
     if stored is not None:
         mcfg = ModelConfig.from_dict(stored["model"])
         if mcfg.D != source.D:
@@ -513,21 +535,27 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
     # ---- the loop
     model.train()
     auto = AutoStop(run, tcfg, device) if tcfg.auto_stop else None
+    snr = snr_by_radius(data, train_pos) if tcfg.pixel_keep < 1 and tcfg.pixel_by == "snr" else None
     while state.epoch < tcfg.epochs and not state.stopped:
+        pixels = decoder_pixels(model, tcfg.curriculum, tcfg.pixel_keep, state.epoch, tcfg.epochs, snr)
         run_epoch(model, opt, gen, data, train_pos, tcfg, beta, amp, state, ck_path, run_config, progress,
-                  dist)
-        val = evaluate(model, data, val_pos, beta, amp, dist=dist)
+                  dist, pixels)
+        val = evaluate(model, data, val_pos, beta, amp, dist=dist, pixels=pixels)
         s_loss, s_mse, s_kl, n_img = state.sums
         row = {"epoch": state.epoch + 1, "loss": s_loss / n_img, "mse": s_mse / n_img, "kl": s_kl / n_img,
                "val_loss": val["loss"], "val_mse": val["mse"], "val_kl": val["kl"],
                "images_per_s": n_img / max(state.seconds, 1e-9), "seconds": state.seconds,
-               "peak_mem_MiB": peak_memory_mib(device), "lr": opt.param_groups[0]["lr"]}
+               "peak_mem_MiB": peak_memory_mib(device), "lr": opt.param_groups[0]["lr"],
+               "radius": mcfg.D // 2 if pixels is None else pixels.radius,
+               "decoder_points": lattice.P if pixels is None else pixels.points}
         if auto is not None:  # snapshot this epoch, compare it with the last, decide (every rank encodes)
-            mu, _ = encode_latents(model, data, amp, progress=progress, dist=dist)
+            mu, _ = encode_latents(model, data, amp, progress=progress, dist=dist, pixels=pixels)
             if main:
                 save_snapshot(run, model, mcfg, row["epoch"], mu, amp)
                 row.update(auto.compare(row["epoch"], mu))
-            state.stopped = dist.broadcast(auto.decide(row, state.log) if main else None)
+            # never during the curriculum: its epochs change the radius, not the answer's convergence
+            state.stopped = dist.broadcast(auto.decide(row, state.log) if main and row["epoch"] > restricted
+                                           else None)
         state.log.append({k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()})  # plain types
         if state.stopped and main:
             log(f"{run}: {state.stopped}")
@@ -539,13 +567,13 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
         state.epoch, state.step, state.sums, state.seconds = state.epoch + 1, 0, [0.0] * 4, 0.0
         done = state.epoch == tcfg.epochs or bool(state.stopped)
         if tcfg.encode_every and state.epoch % tcfg.encode_every == 0 and not done and auto is None:
-            mu, _ = encode_latents(model, data, amp, progress=progress, dist=dist)  # every rank takes part
+            mu, _ = encode_latents(model, data, amp, progress=progress, dist=dist, pixels=pixels)  # all ranks
             if main:
                 save_snapshot(run, model, mcfg, state.epoch, mu, amp)
         if main and (state.epoch % tcfg.checkpoint_every == 0 or done):
             save_checkpoint(ck_path, model, opt, gen, state, run_config)
 
-    note = overfitting_note(state.log)
+    note = overfitting_note([r for r in state.log if r.get("radius", mcfg.D // 2) >= mcfg.D // 2])
     if note and main:
         log(f"{run}: {note}")
 
@@ -670,7 +698,8 @@ def overfitting_note(rows: list[dict], patience: int = 3, tolerance: float = 1e-
 
 def run_epoch(model: HetVAE, opt: torch.optim.Optimizer, gen: torch.Generator, data: ParticleData,
               train_pos: np.ndarray, tcfg: TrainConfig, beta: float, amp: torch.dtype | None, state: Progress,
-              ck_path: Path, run_config: dict, progress: bool, dist: Dist | None = None) -> None:
+              ck_path: Path, run_config: dict, progress: bool, dist: Dist | None = None,
+              pixels: DecoderPixels | None = None) -> None:
     """Train the rest of epoch `state.epoch` from batch `state.step`, checkpointing mid-epoch on a timer.
 
     `state.step` counts global batches. With several processes, every rank draws the epoch's order (a
@@ -698,7 +727,7 @@ def run_epoch(model: HetVAE, opt: torch.optim.Optimizer, gen: torch.Generator, d
         if dist.active:
             n_glob = batch.n_global
             if b:
-                loss, mse, kl = batch_loss(model, batch, beta, amp, gen)
+                loss, mse, kl = batch_loss(model, batch, beta, amp, gen, pixels)
                 (loss * (b / n_glob)).backward()  # summed over ranks: the global batch's mean loss
                 local = torch.stack([loss.detach(), mse.detach(), kl.detach()]).double() * b
             else:  # no image of this batch here: keep the shared generator in step, contribute zeros
@@ -708,7 +737,7 @@ def run_epoch(model: HetVAE, opt: torch.optim.Optimizer, gen: torch.Generator, d
             summed = sum_gradients_(params, local, dist)
             step_sums, b_step = summed, n_glob
         else:
-            loss, mse, kl = batch_loss(model, batch, beta, amp, gen)
+            loss, mse, kl = batch_loss(model, batch, beta, amp, gen, pixels)
             loss.backward()
             step_sums, b_step = torch.stack([loss.detach(), mse.detach(), kl.detach()]).double() * b, b
         opt.step()

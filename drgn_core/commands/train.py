@@ -29,6 +29,8 @@ processes; config.yaml records each resume (`resumes`) and the processes used (`
 Example:
   drgn train table.star particles.128.mrcs -o runs/pilot --zdim 10 --epochs 50
   drgn train table.star particles.128.mrcs -o runs/auto --zdim 10 --epochs auto --max-epochs 60
+  drgn train table.star particles.128.mrcs -o runs/fast --zdim 10 --epochs 20 --curriculum 0.25:4 \\
+      --pixel-keep 0.7
   drgn train table.star particles.128.mrcs -o runs/pilot4 --zdim 10 --gpus 4
   srun --nodes 2 --ntasks-per-node 1 --gpus-per-node 4 \\
       drgn train table.star particles.256.mrcs -o runs/big --zdim 10 --gpus 4 --nnodes 2
@@ -42,7 +44,7 @@ MODEL_KEYS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_type
 TRAIN_KEYS = ("epochs", "auto_stop", "batch_size", "lr", "beta", "seed", "device", "precision", "threads",
               "val_frac",
               "checkpoint_every", "checkpoint_minutes", "data_mode", "chunk", "mix_chunks",
-              "encode_every", "log_steps", "stream_cache")
+              "encode_every", "log_steps", "stream_cache", "curriculum", "pixel_keep", "pixel_by")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,6 +83,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
     t.add_argument("--beta", type=float, help="KL weight β (default 1/zdim)")
     t.add_argument("--seed", type=int, help="random seed: split, order, initialisation, sampling (default 0)")
+    t.add_argument("--curriculum", type=_curriculum, metavar="R:E[,R:E...]",
+                   help="train inside a growing Fourier radius first: R px (or a fraction of the box, "
+                        "0.25 = D/4) for E epochs per phase, then the full circle for the remaining "
+                        "--epochs. Inside D/4 an epoch evaluates the decoder at ~1/4 of the pixels and is "
+                        "exactly training on a D/2 Fourier crop (default: none)")
+    t.add_argument("--pixel-keep", type=float, metavar="F",
+                   help="evaluate the decoder at each image's top F of pixels by CTF² (the information "
+                        "per pixel), F in (0, 1]: fewer decoder FLOPs per image (default 1: all)")
+    t.add_argument("--pixel-by", choices=["ctf2", "snr"],
+                   help="with --pixel-keep: rank pixels by CTF² (ctf2), or by CTF² times the spectral SNR "
+                        "measured on the training images (snr), which keeps the low-resolution pixels "
+                        "where the signal is (default ctf2)")
     t.add_argument("--val-frac", type=float,
                    help="fraction held out for the validation loss (default 0.1). Held-out particles' "
                    "latents come from an encoder that never saw them, and below ~1e5 particles they are "
@@ -136,6 +150,18 @@ def _epochs(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
 
 
+def _curriculum(text: str) -> str:
+    """--curriculum: 'R:E,...' checked for its form here (radii against the box when training starts)."""
+    from drgn_core.curriculum import parse_curriculum
+    from drgn_core.errors import DrgnError
+
+    try:
+        parse_curriculum(text)
+    except DrgnError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return ",".join(p.strip() for p in text.split(","))
+
+
 def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
     out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if out.get("epochs") == "auto":  # the maximum becomes the run's epochs; auto_stop ends it earlier
@@ -165,6 +191,8 @@ def _validate(opts: dict) -> None:
     for k in ("lr", "feat_sigma"):
         if k in opts and not opts[k] > 0:
             raise DrgnError(f"--{k.replace('_', '-')} must be > 0, got {opts[k]}")
+    if "pixel_keep" in opts and not 0.0 < opts["pixel_keep"] <= 1.0:
+        raise DrgnError(f"--pixel-keep must be in (0, 1], got {opts['pixel_keep']}")
     if "beta" in opts and opts["beta"] < 0:
         raise DrgnError(f"--beta must be >= 0, got {opts['beta']}")
 
