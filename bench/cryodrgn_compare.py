@@ -18,7 +18,8 @@ Settings.
 Measured, per epoch and program: |Spearman ρ| of that epoch's latent against the ground-truth coordinate
 (docs/architecture.md § Metrics on simulated data), the wall seconds since the program started and its
 CPU seconds (utime + stime from /proc, the process and its children), both read when the epoch's latent
-file appears (polled every 0.2 s). Then: cryoDRGN's final |ρ| as the target, the time each takes to reach
+file appears (polled every 0.2 s); --minutes stops both after that long.
+Then: cryoDRGN's final |ρ| as the target, the time each takes to reach
 it (its first epoch at or above it), and the |ρ| of each at equal time (at the other's epoch ends: the
 last epoch each had finished by then).
 
@@ -86,6 +87,7 @@ class Job:
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.epochs: dict[int, dict] = {}
         self.total: dict = {}
+        self.stopped = False  # terminated at --minutes
 
     def poll(self, epochs: int) -> None:
         for e in range(1, epochs + 1):
@@ -105,7 +107,7 @@ class Job:
                       "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
         self.log.close()
         self.poll(epochs)
-        if rc != 0:
+        if rc != 0 and not self.stopped:
             raise RuntimeError(f"{self.name} failed ({rc}); see {self.log.name}")
         return True
 
@@ -137,6 +139,9 @@ def main() -> int:
     ap.add_argument("--zdim", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=10, help="epochs of each program (default 10)")
     ap.add_argument("--seed", type=int, default=0, help="the data's seed")
+    ap.add_argument("--minutes", type=float, default=0,
+                    help="stop both programs after this many minutes and compare the epochs they finished "
+                         "(0: no limit); the target is then cryoDRGN's last finished epoch's |ρ|")
     ap.add_argument("--extra", default="", help="more drgn train flags (levers), e.g. '--lr-schedule cosine'")
     ap.add_argument("--workdir", type=Path, required=True)
     a = ap.parse_args()
@@ -174,9 +179,16 @@ def main() -> int:
     jobs = [Job("drgnflow", cmd_d, env, a.workdir / f"{tag}.log", z_d),
             Job("cryodrgn", cmd_c, env, a.workdir / "cryodrgn.log", lambda e: out_c / f"z.{e}.pkl")]
     load0 = os.getloadavg()
+    stopped_at = None
     while not all([j.done(a.epochs) for j in jobs]):
         for j in jobs:
             j.poll(a.epochs)
+        if a.minutes and stopped_at is None and time.perf_counter() - jobs[0].t0 > a.minutes * 60:
+            stopped_at = round(time.perf_counter() - jobs[0].t0, 1)
+            for j in jobs:
+                if j.proc.returncode is None:
+                    j.proc.terminate()  # its returncode is then -15: recorded, not an error
+                    j.stopped = True
         time.sleep(0.2)
     load1 = os.getloadavg()
 
@@ -184,7 +196,11 @@ def main() -> int:
     for j in jobs:
         rows = []
         for e in sorted(j.epochs):
-            z = np.load(z_d(e)) if j.name == "drgnflow" else read_cryodrgn_z(out_c / f"z.{e}.pkl")
+            try:
+                z = np.load(z_d(e)) if j.name == "drgnflow" else read_cryodrgn_z(out_c / f"z.{e}.pkl")
+            except Exception as err:  # a file cut short by --minutes
+                print(f"{j.name} epoch {e}: unreadable latent ({err}); left out", file=sys.stderr)
+                continue
             rows.append({**j.epochs[e], "rho": rho(z, coord)})
         curves[j.name] = rows
     target = curves["cryodrgn"][-1]["rho"]
@@ -201,6 +217,7 @@ def main() -> int:
                  "epochs": a.epochs},
         "commands": {j.name: " ".join(j.cmd) for j in jobs},
         "load_average_start_end": [round(load0[0], 2), round(load1[0], 2)], "cpu_count": os.cpu_count(),
+        "stopped_at_s": stopped_at,
         "totals": {j.name: j.total for j in jobs}, "per_epoch": curves,
         "target_rho": target, "time_to_target": reach, "drgnflow_over_cryodrgn_time_to_target": ratio,
         "rho_at_equal_time": equal_time}, indent=1))

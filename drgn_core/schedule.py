@@ -7,7 +7,7 @@ Why a pure function of the step. The rate of global step g (counted from the fir
 is computed from the run's settings and g alone, never from a running scheduler object. The checkpoint
 already holds where training stands (epoch, batch), so a run killed and resumed sets exactly the rates an
 uninterrupted one does, and the schedule's record (`LrSchedule.record`) in the checkpoint and config.yaml
-is all the state there is.
+is all the state there is (docs/architecture.md § Learning-rate schedule and training subset).
 
 Defaults are the paper's: Adam at a constant 1e-4 for batch 8, no warm-up, no scaling (cryoDRGN has no
 schedule). The options exist to be measured (bench/README.md, "Learning-rate schedule, batch scaling,

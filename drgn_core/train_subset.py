@@ -11,7 +11,7 @@ data as well as the trained rows'.
 The subset is drawn from the training positions (those left after the --val-frac split), by a generator
 seeded with the run's seed, so a run and its resume, and two runs with the same seed, train on the same
 rows. The run directory records them in train_indices.npy (canonical table rows, docs/architecture.md
-§ Run directory of drgn train).
+§ Learning-rate schedule and training subset).
 """
 
 from __future__ import annotations
