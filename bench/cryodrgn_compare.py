@@ -18,10 +18,9 @@ Settings.
 Measured, per epoch and program: |Spearman ρ| of that epoch's latent against the ground-truth coordinate
 (docs/architecture.md § Metrics on simulated data), the wall seconds since the program started and its
 CPU seconds (utime + stime from /proc, the process and its children), both read when the epoch's latent
-file appears (polled every 0.2 s); --minutes stops both after that long.
-Then: cryoDRGN's final |ρ| as the target, the time each takes to reach
-it (its first epoch at or above it), and the |ρ| of each at equal time (at the other's epoch ends: the
-last epoch each had finished by then).
+file appears (polled every 0.2 s); --minutes stops both after that long. Then: cryoDRGN's final |ρ| as
+the target, the time each takes to reach it (its first epoch at or above it), and the |ρ| of each at
+equal time (at the other's epoch ends: the last epoch each had finished by then).
 
     .venv/bin/python bench/cryodrgn_compare.py --cryodrgn .venv-cryodrgn/bin/cryodrgn --n 3000 \\
         --epochs 10 --workdir /tmp/compare
