@@ -166,6 +166,10 @@ def test_subset_run_trains_on_the_seeded_rows_and_encodes_every_particle(tiny, t
     assert len(_steps(a)) == 7                                        # an epoch visits the subset only
     cfg = yaml.safe_load((a / "config.yaml").read_text())
     assert cfg["training"]["train_subset"] == 0.25 and cfg["inputs"]["n_train"] == 54
+    # analyses and drgn evaluate name every row the encoder never saw as held out
+    from drgn_core.rundir import held_out_mask
+
+    assert np.array_equal(held_out_mask(a, np.arange(240)), ~np.isin(np.arange(240), sub))
 
 
 @pytest.mark.slow
