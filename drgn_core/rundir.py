@@ -115,11 +115,16 @@ def load_run(run_dir: str | os.PathLike) -> RunLatents:
 
 
 def held_out_mask(run_dir: str | os.PathLike, indices: np.ndarray) -> np.ndarray | None:
-    """Mask of the run's rows held out of training (its val_indices.npy), or None when there are none.
+    """Mask of the run's rows held out of training (its val_indices.npy; with --train-subset, every row
+    not in its train_indices.npy), or None when there are none.
 
     Held-out particles have latents (z.npy covers every row) from an encoder that never saw them; at the
     sizes measured (up to 20,000 images) those latents are close to noise, so analyses name them.
     """
+    trained = Path(run_dir) / "train_indices.npy"
+    if trained.exists():
+        held = ~np.isin(indices, read_index_file(trained))
+        return held if held.any() else None
     path = Path(run_dir) / "val_indices.npy"
     if not path.exists():
         return None

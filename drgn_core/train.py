@@ -62,6 +62,8 @@ from drgn_core.models import (
 from drgn_core.pixel_select import DecoderPixels, decoder_pixels, snr_by_radius
 from drgn_core.progress import progress_bar
 from drgn_core.rundir import resolve_device
+from drgn_core.schedule import LrSchedule, schedule_for, set_lr
+from drgn_core.train_subset import choose_train_subset
 
 CHECKPOINT_FORMAT = "drgnflow-checkpoint/1"
 # Options a resumed run may change: speed and bookkeeping, the length of training (a fixed --epochs N also
@@ -99,6 +101,15 @@ class TrainConfig:
     curriculum: str = ""              # --curriculum R:E,...: Fourier radius per phase (drgn_core.curriculum)
     pixel_keep: float = 1.0           # --pixel-keep F: decoder at each image's top-F pixels by CTF²
     pixel_by: str = "ctf2"            # --pixel-by: rank pixels by ctf2 | snr (CTF² × spectral SNR)
+    # learning-rate schedule and batch scaling (drgn_core/schedule.py; defaults: the paper's constant rate)
+    lr_schedule: str = "constant"     # constant | cosine | step
+    warmup_epochs: float = 0.0        # linear warm-up over this many epochs' steps
+    lr_final: float = 0.1             # cosine/step: the final rate, as a fraction of the peak
+    lr_drops: int = 2                 # step: number of equal geometric drops
+    lr_decay_epochs: int | None = None  # the decay's horizon; None → the run's epochs when it starts
+    lr_scale: str = "none"            # none | sqrt | linear: scale lr by (batch_size / lr_ref_batch)^p
+    lr_ref_batch: int = 8             # the batch that --lr suits (the paper's)
+    train_subset: float = 0           # train on a seeded subset of the training rows: N (>= 1) or a fraction
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -366,7 +377,8 @@ class Progress:
 
 # ---- checkpoints --------------------------------------------------------------------------------------
 def save_checkpoint(path: Path, model: HetVAE, opt: torch.optim.Optimizer, gen: torch.Generator,
-                    state: Progress, run_config: dict | None = None) -> None:
+                    state: Progress, run_config: dict | None = None,
+                    schedule: LrSchedule | None = None) -> None:
     """Everything a resumed run needs; plain tensors and Python values so weights_only loading works.
 
     The run's config.yaml travels inside (`run_config`): a workflow manager deletes a killed job's declared
@@ -375,7 +387,8 @@ def save_checkpoint(path: Path, model: HetVAE, opt: torch.optim.Optimizer, gen: 
     payload = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
                "rng": gen.get_state(), "epoch": state.epoch, "step": state.step,
                "sums": [float(x) for x in state.sums], "seconds": state.seconds, "log": state.log,
-               "model_config": model.cfg.to_dict(), "run_config": run_config, "stopped": state.stopped}
+               "model_config": model.cfg.to_dict(), "run_config": run_config, "stopped": state.stopped,
+               "lr_schedule": schedule.record() if schedule is not None else None}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -457,6 +470,10 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
     if stored is not None and main:  # checksums of a stack of many GB: read once, by rank 0
         _check_same_inputs(stored["inputs"], table_path, stack_path, ind_path)
     train_pos, val_pos = split_validation(len(rows), tcfg.val_frac, tcfg.seed)
+    train_pos = choose_train_subset(train_pos, tcfg.train_subset, tcfg.seed)  # --train-subset (else all)
+    if tcfg.lr_decay_epochs is None:  # the schedule's horizon is fixed when the run starts
+        tcfg.lr_decay_epochs = tcfg.epochs
+    schedule = _schedule(tcfg, math.ceil(len(train_pos) / tcfg.batch_size))
 
     # ---- device, threads, precision, model configuration
     if tcfg.threads > 0:
@@ -489,6 +506,8 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
                                                 len(rows), len(train_pos), len(val_pos)) if main else None)
     prev_world = int((run_config.get("distributed") or {}).get("world_size", 1))  # before this start
     run_config["distributed"] = _distributed_record(dist, tcfg, device)
+    before_lr = (run_config.get("lr_schedule") or {}).get("base_lr")  # a resumed run's base rate
+    run_config["lr_schedule"] = schedule.record()
     if main:
         write_config(run / "config.yaml", run_config)
     beta = tcfg.beta if tcfg.beta is not None else (1.0 / mcfg.zdim if mcfg.zdim else 0.0)
@@ -511,12 +530,10 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
             if main:
                 log(f"continuing past the automatic stop after epoch {state.epoch} to {tcfg.epochs} epochs")
             state.stopped = None
-        old_lr = opt.param_groups[0]["lr"]
-        if old_lr != tcfg.lr:  # Adam's moments are kept; only the step size changes
-            for group in opt.param_groups:
-                group["lr"] = tcfg.lr
-            if main:
-                log(f"learning rate {old_lr:g} -> {tcfg.lr:g} from epoch {state.epoch + 1}")
+        old_lr = before_lr if before_lr is not None else opt.param_groups[0]["lr"]
+        if old_lr != schedule.base and main:  # Adam's moments are kept; only the step size changes
+            log(f"learning rate {old_lr:g} -> {schedule.base:g} from epoch {state.epoch + 1}")
+        set_lr(opt, schedule.lr(state.epoch * math.ceil(len(train_pos) / tcfg.batch_size) + state.step))
 
     cache_dir = stream_cache_dir(run, tcfg.stream_cache)
     data = ParticleData(source, table, rows, lattice, mcfg.norm_scale, device, tcfg.data_mode, tcfg.chunk,
@@ -539,7 +556,7 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
     while state.epoch < tcfg.epochs and not state.stopped:
         pixels = decoder_pixels(model, tcfg.curriculum, tcfg.pixel_keep, state.epoch, tcfg.epochs, snr)
         run_epoch(model, opt, gen, data, train_pos, tcfg, beta, amp, state, ck_path, run_config, progress,
-                  dist, pixels)
+                  dist, pixels, schedule)
         val = evaluate(model, data, val_pos, beta, amp, dist=dist, pixels=pixels)
         s_loss, s_mse, s_kl, n_img = state.sums
         row = {"epoch": state.epoch + 1, "loss": s_loss / n_img, "mse": s_mse / n_img, "kl": s_kl / n_img,
@@ -571,7 +588,7 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
             if main:
                 save_snapshot(run, model, mcfg, state.epoch, mu, amp)
         if main and (state.epoch % tcfg.checkpoint_every == 0 or done):
-            save_checkpoint(ck_path, model, opt, gen, state, run_config)
+            save_checkpoint(ck_path, model, opt, gen, state, run_config, schedule)
 
     note = overfitting_note([r for r in state.log if r.get("radius", mcfg.D // 2) >= mcfg.D // 2])
     if note and main:
@@ -588,6 +605,8 @@ def _train(dist: Dist, table_path, stack_path, outdir, model_opts, train_opts, i
     save_npy(run / "z_logvar.npy", logvar)
     write_index_files(rows, run / "indices.npy")
     write_index_files(rows[val_pos], run / "val_indices.npy")
+    if tcfg.train_subset:
+        write_index_files(rows[train_pos], run / "train_indices.npy")
     write_log(run / "train_log.csv", state.log)
     plot_learning_curve(run / "learning_curve.png", state.log)
     run_config["stopped"] = stop_record(tcfg, state)
@@ -699,13 +718,14 @@ def overfitting_note(rows: list[dict], patience: int = 3, tolerance: float = 1e-
 def run_epoch(model: HetVAE, opt: torch.optim.Optimizer, gen: torch.Generator, data: ParticleData,
               train_pos: np.ndarray, tcfg: TrainConfig, beta: float, amp: torch.dtype | None, state: Progress,
               ck_path: Path, run_config: dict, progress: bool, dist: Dist | None = None,
-              pixels: DecoderPixels | None = None) -> None:
+              pixels: DecoderPixels | None = None, schedule: LrSchedule | None = None) -> None:
     """Train the rest of epoch `state.epoch` from batch `state.step`, checkpointing mid-epoch on a timer.
 
     `state.step` counts global batches. With several processes, every rank draws the epoch's order (a
     function of seed and epoch), takes its slice of each global batch, and the gradients of
     loss · b_rank / B are summed over ranks before the (identical) optimizer step on every rank; rank 0
-    writes the checkpoints, whose contents every rank shares.
+    writes the checkpoints, whose contents every rank shares. `schedule` sets the rate of every step
+    (drgn_core.schedule; None: the optimizer's rate stays as it is).
     """
     dist = dist or Dist()
     main = dist.is_main
@@ -740,13 +760,16 @@ def run_epoch(model: HetVAE, opt: torch.optim.Optimizer, gen: torch.Generator, d
             loss, mse, kl = batch_loss(model, batch, beta, amp, gen, pixels)
             loss.backward()
             step_sums, b_step = torch.stack([loss.detach(), mse.detach(), kl.detach()]).double() * b, b
+        if schedule is not None:
+            set_lr(opt, schedule.lr(state.epoch * steps + state.step))
         opt.step()
         acc += step_sums
         n_img += b_step
         state.step += 1
         if tcfg.log_steps and main:
             s_loss, s_mse, s_kl = (step_sums / b_step).tolist()
-            step_rows.append(f"{state.epoch + 1},{state.step},{b_step},{s_loss:.9g},{s_mse:.9g},{s_kl:.9g}\n")
+            step_rows.append(f"{state.epoch + 1},{state.step},{b_step},{s_loss:.9g},{s_mse:.9g},{s_kl:.9g},"
+                             f"{opt.param_groups[0]['lr']:.9g}\n")
         bar.update(1)
         if state.step % 50 == 0:
             bar.set_postfix(loss=f"{acc[0].item() / n_img:.4f}", refresh=False)
@@ -754,7 +777,7 @@ def run_epoch(model: HetVAE, opt: torch.optim.Optimizer, gen: torch.Generator, d
         if main and 0 < tcfg.checkpoint_minutes * 60 < now - last_save and state.step < steps:
             state.sums, state.seconds = [*acc.tolist(), n_img], seconds0 + now - t0
             _append_steps(ck_path.parent.parent, step_rows)
-            save_checkpoint(ck_path, model, opt, gen, state, run_config)
+            save_checkpoint(ck_path, model, opt, gen, state, run_config, schedule)
             last_save = now
     bar.close()
     state.sums, state.seconds = [*acc.tolist(), n_img], seconds0 + time.perf_counter() - t0
@@ -771,9 +794,16 @@ def _append_steps(run: Path, rows: list[str]) -> None:
     new = not f.exists()
     with open(f, "a") as fh:
         if new:
-            fh.write("epoch,step,images,loss,mse,kl\n")
+            fh.write("epoch,step,images,loss,mse,kl,lr\n")
         fh.writelines(rows)
     rows.clear()
+
+
+def _schedule(tcfg: TrainConfig, steps_per_epoch: int) -> LrSchedule:
+    """The run's learning rate at every step, from its settings (drgn_core.schedule)."""
+    return schedule_for(tcfg.lr, tcfg.batch_size, steps_per_epoch, kind=tcfg.lr_schedule,
+                        warmup_epochs=tcfg.warmup_epochs, final=tcfg.lr_final, drops=tcfg.lr_drops,
+                        scale=tcfg.lr_scale, ref_batch=tcfg.lr_ref_batch, horizon_epochs=tcfg.lr_decay_epochs)
 
 
 def _distributed_record(dist: Dist, tcfg: TrainConfig, device: torch.device) -> dict:

@@ -61,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
     if s["n_held_out"]:
         n, held = s["n_particles"], s["n_held_out"]
         print(f"note: {held} of {n} particles ({100 * held / n:.0f} %) were held out of training "
-              "(val_indices.npy); their latents come from an encoder that never saw them and, below about "
-              "1e5 particles, are close to noise. Retrain with --val-frac 0 to analyse every particle.",
+              "(val_indices.npy) or left out by --train-subset; their latents come from an "
+              "encoder that never saw them and, below about 1e5 particles, are close to noise. Retrain with "
+              "--val-frac 0 (and no --train-subset) to analyse every particle.",
               file=sys.stderr)
     print(f"analysed {s['n_particles']} particles (zdim {s['zdim']}) → {args.outdir}")
     return 0

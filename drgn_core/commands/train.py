@@ -36,6 +36,10 @@ Example:
       drgn train table.star particles.256.mrcs -o runs/big --zdim 10 --gpus 4 --nnodes 2
   drgn train table.star particles.256.mrcs -o runs/highres --zdim 10 --ind kept.npy \\
       --enc-dim 1024 --dec-dim 1024 --epochs 25
+  drgn train table.star particles.128.mrcs -o runs/cos --zdim 10 --lr-schedule cosine \\
+      --warmup-epochs 1
+  drgn train table.star particles.128.mrcs -o runs/big --zdim 10 --batch-size 64 --lr-scale sqrt
+  drgn train table.star particles.128.mrcs -o runs/sub --zdim 10 --train-subset 20000 --val-frac 0
 """
 
 # Option name → (model or training key). Defaults are None so that --resume can tell which were given.
@@ -44,7 +48,9 @@ MODEL_KEYS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_type
 TRAIN_KEYS = ("epochs", "auto_stop", "batch_size", "lr", "beta", "seed", "device", "precision", "threads",
               "val_frac",
               "checkpoint_every", "checkpoint_minutes", "data_mode", "chunk", "mix_chunks",
-              "encode_every", "log_steps", "stream_cache", "curriculum", "pixel_keep", "pixel_by")
+              "encode_every", "log_steps", "stream_cache", "curriculum", "pixel_keep", "pixel_by",
+              "lr_schedule", "warmup_epochs", "lr_final", "lr_drops", "lr_decay_epochs", "lr_scale",
+              "lr_ref_batch", "train_subset")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,6 +105,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction held out for the validation loss (default 0.1). Held-out particles' "
                    "latents come from an encoder that never saw them, and below ~1e5 particles they are "
                    "close to noise: use 0 when every latent will be analysed")
+    s = p.add_argument_group("learning-rate schedule and training subset (options to measure; the paper's "
+                             "constant rate on every particle is the default)")
+    s.add_argument("--lr-schedule", choices=["constant", "cosine", "step"],
+                   help="rate over the steps: constant (the paper), cosine decay to --lr-final x lr, or "
+                        "--lr-drops equal geometric drops to it (default constant)")
+    s.add_argument("--warmup-epochs", type=float,
+                   help="linear warm-up of the rate over this many epochs' steps, e.g. 0.5 (default 0)")
+    s.add_argument("--lr-final", type=float,
+                   help="cosine/step: the rate at the end of the decay as a fraction of the peak "
+                        "(default 0.1)")
+    s.add_argument("--lr-drops", type=int, help="step: number of drops, evenly spaced (default 2)")
+    s.add_argument("--lr-decay-epochs", type=int,
+                   help="the decay's length in epochs; the rate stays at its final value after it "
+                        "(default: --epochs, or --max-epochs with --epochs auto)")
+    s.add_argument("--lr-scale", choices=["none", "sqrt", "linear"],
+                   help="scale --lr for the batch: lr x (batch-size / lr-ref-batch)^(1/2 or 1); "
+                        "config.yaml's lr_schedule.base_lr records the rate used (default none)")
+    s.add_argument("--lr-ref-batch", type=int, help="the batch size --lr suits, for --lr-scale (default 8)")
+    s.add_argument("--train-subset", type=_subset, metavar="N|F",
+                   help="train on a seeded random N particles (or fraction F) of the training rows, then "
+                        "encode every particle into z.npy; train_indices.npy lists the rows trained on. "
+                        "Needs enough rows for the encoder to generalise (see docs/usage.md) (default: all)")
     r = p.add_argument_group("resources")
     r.add_argument("--device", help="auto (GPU when present), cpu, cuda or cuda:N (default auto)")
     r.add_argument("--precision", choices=["auto", "fp32", "bf16"],
@@ -162,6 +190,16 @@ def _curriculum(text: str) -> str:
     return ",".join(p.strip() for p in text.split(","))
 
 
+def _subset(text: str) -> float:
+    """--train-subset: a count or a fraction (drgn_core.train_subset.parse_subset)."""
+    from drgn_core.train_subset import parse_subset
+
+    try:
+        return parse_subset(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
     out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if out.get("epochs") == "auto":  # the maximum becomes the run's epochs; auto_stop ends it earlier
@@ -181,13 +219,17 @@ def _validate(opts: dict) -> None:
     from drgn_core.errors import DrgnError
 
     positive = ("enc_dim", "dec_dim", "epochs", "batch_size", "checkpoint_every", "mix_chunks", "nproc",
-                "nnodes")
+                "nnodes", "lr_drops", "lr_decay_epochs", "lr_ref_batch")
     for k in positive:
         if k in opts and opts[k] < 1:
             raise DrgnError(f"--{k.replace('_', '-')} must be >= 1, got {opts[k]}")
     for k in ("enc_layers", "dec_layers", "zdim", "threads", "encode_every", "pe_dim", "enc_mask", "chunk"):
         if k in opts and opts[k] < 0:
             raise DrgnError(f"--{k.replace('_', '-')} must be >= 0, got {opts[k]}")
+    if "warmup_epochs" in opts and opts["warmup_epochs"] < 0:
+        raise DrgnError(f"--warmup-epochs must be >= 0, got {opts['warmup_epochs']}")
+    if "lr_final" in opts and not 0 < opts["lr_final"] <= 1:
+        raise DrgnError(f"--lr-final must be in (0, 1], got {opts['lr_final']}")
     for k in ("lr", "feat_sigma"):
         if k in opts and not opts[k] > 0:
             raise DrgnError(f"--{k.replace('_', '-')} must be > 0, got {opts[k]}")
