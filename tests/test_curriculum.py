@@ -163,8 +163,8 @@ def test_curriculum_run_evaluates_fewer_decoder_points_and_resumes_mid_curriculu
 
     save = train_mod.save_checkpoint
 
-    def save_then_die(path, model, opt, gen, state, run_config=None):
-        save(path, model, opt, gen, state, run_config)
+    def save_then_die(path, model, opt, gen, state, *rest):
+        save(path, model, opt, gen, state, *rest)
         if state.epoch == 0 and state.step >= 5:
             raise Killed
 
