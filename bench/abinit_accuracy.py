@@ -22,6 +22,7 @@ Extra `drgn abinit` options (search settings) go after `--abinit`, e.g. `--abini
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -35,8 +36,10 @@ import numpy as np
 
 
 def _timed(fn) -> tuple[float, float]:
+    """(wall, CPU) seconds of fn(); the drgn commands' messages go to stderr, so stdout stays JSON."""
     w0, c0 = time.perf_counter(), time.process_time()
-    fn()
+    with contextlib.redirect_stdout(sys.stderr):
+        fn()
     return time.perf_counter() - w0, time.process_time() - c0
 
 
@@ -44,7 +47,8 @@ def _decoded_map(run: Path, out: Path) -> np.ndarray:
     from drgn_core.cli import main
     from drgn_core.io.mrc import read_mrc
 
-    assert main(["volumes", str(run), "-o", str(out)]) == 0
+    with contextlib.redirect_stdout(sys.stderr):
+        assert main(["volumes", str(run), "-o", str(out)]) == 0
     return np.array(read_mrc(out / "vol_000.mrc", mmap=False)[0])
 
 

@@ -126,6 +126,30 @@ def test_soft_round_from_the_true_map_reconstructs_it(sim32):
     assert fsc[1:L - 2].min() > 0.8
 
 
+def test_refinement_gives_rotations_a_gradient():
+    """Every particle's pose correction gets a gradient in rotation as well as in shift: the decoder's
+    positional features were once computed without autograd, so the rotations never moved (only shifts)."""
+    from types import SimpleNamespace
+
+    from drgn_core.abinit.refine import step_loss
+    from drgn_core.models import HetVAE, ModelConfig
+
+    torch.manual_seed(0)
+    model = HetVAE(ModelConfig(D=16, zdim=0))
+    emb = torch.nn.Embedding(4, 5, sparse=True)
+    torch.nn.init.zeros_(emb.weight)
+    P = model.coords2d.shape[0]
+    A = torch.as_tensor(Rotation.random(4, random_state=0).as_matrix(), dtype=torch.float32)
+    batch = SimpleNamespace(pos=torch.arange(4), y=torch.randn(4, P, 2), ctf=torch.ones(4, P), A=A)
+    loss, _, _ = step_loss(model, emb, batch, 0.0, True, None)
+    loss.backward()
+    g = emb.weight.grad.coalesce().to_dense()
+    assert (g[:, :3].abs().sum(1) > 0).all() and (g[:, 3:].abs().sum(1) > 0).all()
+    emb.weight.grad = None
+    step_loss(model, emb, batch, 0.0, False, None)[0].backward()     # before pose_start: nothing moves
+    assert emb.weight.grad is None
+
+
 # The module's one ab initio run, heterogeneous (--zdim 2) so that the run-directory, resume, export and
 # filter tests all check the encoder path too (the homogeneous --zdim 0 run is the workflow test's,
 # tests/test_workflow_abinit.py).
