@@ -94,6 +94,28 @@ def test_pose_errors_finds_hand_rotation_and_offset():
     assert np.allclose(np.abs(e["map_offset_px"]), np.abs(d), atol=1e-6)
 
 
+def test_map_in_true_frame_undoes_rotation_hand_and_offset(sim32):
+    """A map built as the ab initio relation says (Vᶠ(x) = Vᵗ(G·x), mirrored, shifted by whole and half
+    voxels) is brought back onto the truth: FSC(0.5) near Nyquist; with Gᵀ instead of G it is not."""
+    from scipy.ndimage import affine_transform, shift
+
+    from drgn_core.abinit.compare import map_in_true_frame, map_resolution
+    from drgn_core.volumes import flip_hand
+
+    _table, src, vol, _, _ = _truth(sim32)
+    truth = vol.astype(np.float64)
+    D = truth.shape[0]
+    G = Rotation.from_euler("zyz", [40, 70, -20], degrees=True).as_matrix()
+    rev = np.eye(3)[::-1]
+    M = rev @ G @ rev                                             # V_f[i] = V_t[M·(i - c) + c]
+    c = np.full(3, D // 2)
+    found = affine_transform(truth, M, offset=c - M @ c, order=3)
+    found = flip_hand(shift(found, (1.5, -2.0, 0.5), order=3, mode="wrap"))
+    nyquist = 2 * src.apix
+    assert map_resolution(map_in_true_frame(found, truth, G, "flipped"), truth, src.apix) < 1.15 * nyquist
+    assert map_resolution(map_in_true_frame(found, truth, G.T, "flipped"), truth, src.apix) > 2 * nyquist
+
+
 def test_search_against_the_true_map_recovers_poses(sim32):
     """With the right reference, the global grid + local refinement find the simulator's poses."""
     table, src, vol, images, ctf = _truth(sim32)
