@@ -201,8 +201,9 @@ class FourierDecoder(nn.Module):
     def forward(self, q: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """q (B, N, 3), z (B, zdim) or None → (B, N, 2). Hermitian: V(-q) = conj V(q), V(0) real."""
         qf, flip = hermitian_fold(q)
-        with torch.no_grad():  # fixed features: no gradient flows into coordinates
-            pe = self.encode_positions(qf)                      # (B, N, 2F)
+        # fixed features; a gradient flows into the coordinates only where they carry one (the learned
+        # pose corrections of drgn abinit's refinement), otherwise no graph is recorded for them at all
+        pe = self.encode_positions(qf)                          # (B, N, 2F)
         h = self.mlp.inp(pe)                                    # (B, N, h)
         if self.z_in is not None:
             h = h + self.z_in(z)[:, None, :]                    # (B, 1, h) broadcast over points

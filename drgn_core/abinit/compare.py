@@ -10,6 +10,12 @@ A map found ab initio is the true one up to a global rotation, a global translat
   tried and the better kept;
 - translation: a 3D offset d of the map changes every particle's origin by the first two rows of Aᶠ·d,
   fitted by least squares; shift errors are reported after removing it.
+
+Maps. With Aᶠ = Aᵗ·G the found map is Vᶠ(x) = Vᵗ(G·x) (a slice of F at Aᵀk for every image: Fᶠ(Gᵀq) =
+Fᵗ(q)), so `map_in_true_frame` resamples Vᶠ at Gᵀ·y (after mirroring it when the hand was flipped) and
+then removes the map's offset by cross-correlation with the truth. `map_resolution` is the FSC crossing
+of a map against the truth: what the refined decoder's map is judged by, next to the same crossing of a
+map trained with the true poses (already in the true frame).
 """
 
 from __future__ import annotations
@@ -61,4 +67,47 @@ def pose_errors(A_true: np.ndarray, t_true: np.ndarray, A_found: np.ndarray, t_f
     return {"median_rotation_error_deg": float(np.median(err)), "mean_rotation_error_deg": float(err.mean()),
             "median_shift_error_px": float(np.median(serr)), "mean_shift_error_px": float(serr.mean()),
             "hand": hand, "global_rotation_deg": float(rotation_angle(G, np.eye(3))),
+            "global_rotation": G.tolist(),
             "map_offset_px": [float(x) for x in d], "rotation_error": err, "shift_error": serr}
+
+
+def map_in_true_frame(vol: np.ndarray, truth: np.ndarray, G: np.ndarray, hand: str) -> np.ndarray:
+    """The found map `vol` (D³, [z, y, x]) brought into the frame of `truth`: mirrored if `hand` is
+    'flipped', rotated by the global rotation G of `pose_errors`, and shifted by the offset that maximises
+    its cross-correlation with the truth (integer peak refined to a sub-voxel one by a parabola per axis).
+    Cubic-spline resampling, so the rotation costs the map as little high-frequency signal as possible."""
+    from scipy.ndimage import affine_transform
+
+    from drgn_core.fourier import fft3_center, ifft3_center
+    from drgn_core.volumes import flip_hand
+
+    v = flip_hand(vol) if hand == "flipped" else np.asarray(vol)
+    D = v.shape[0]
+    rev = np.eye(3)[::-1]                                         # (x, y, z) ↔ array axes (z, y, x)
+    M = rev @ np.asarray(G, dtype=np.float64).T @ rev             # W[i] = V[M·(i - c) + c]
+    c = np.full(3, D // 2, dtype=np.float64)
+    w = affine_transform(v.astype(np.float64), M, offset=c - M @ c, order=3, mode="constant")
+    Fw, Ft = fft3_center(w), fft3_center(np.asarray(truth, dtype=np.float64))
+    cc = np.real(ifft3_center(Ft * np.conj(Fw)))                 # peak at the shift taking w onto truth
+    peak = np.array(np.unravel_index(np.argmax(cc), cc.shape))
+    d = peak - D // 2
+    sub = np.zeros(3)
+    for ax in range(3):
+        lo, hi = peak.copy(), peak.copy()
+        lo[ax], hi[ax] = (peak[ax] - 1) % D, (peak[ax] + 1) % D
+        a, b, e = cc[tuple(lo)], cc[tuple(peak)], cc[tuple(hi)]
+        den = a - 2 * b + e
+        sub[ax] = 0.5 * (a - e) / den if den < 0 else 0.0
+    d = d + sub                                                   # (z, y, x) voxels
+    k = (np.arange(D) - D // 2) / D
+    KZ, KY, KX = np.meshgrid(k, k, k, indexing="ij")
+    ramp = np.exp(-2j * np.pi * (KZ * d[0] + KY * d[1] + KX * d[2]))
+    return np.real(ifft3_center(Fw * ramp)).astype(np.float32)
+
+
+def map_resolution(vol: np.ndarray, truth: np.ndarray, apix: float, threshold: float = 0.5) -> float:
+    """Resolution (Å) where the FSC of `vol` against `truth` first drops below `threshold`."""
+    from drgn_core.fsc import crossing, fsc_curve
+
+    freq, fsc = fsc_curve(vol, truth)
+    return crossing(freq, fsc, threshold, apix)
