@@ -192,3 +192,15 @@ def complex_corr(a: np.ndarray, b: np.ndarray) -> float:
     """Re⟨a, b⟩ / (‖a‖‖b‖): 1 only when the two agree in amplitude pattern and phase."""
     a, b = np.ravel(a), np.ravel(b)
     return float(np.real(np.vdot(b, a)) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# The tiny training set and network of the `drgn train` option tests (test_train, test_schedule,
+# test_curriculum). --device cpu: what those tests promise (bit-identical resume) is a CPU promise, also
+# on a GPU machine.
+TINY_TRAIN = ["--zdim", "1", "--enc-dim", "32", "--enc-layers", "1", "--dec-dim", "32", "--dec-layers", "1",
+              "--threads", "1", "--lr", "1e-3", "--device", "cpu"]
+
+
+def render_tiny(outdir: Path) -> Dataset:
+    """240 images of the continuous hinge at D 16 (SNR 1): enough for a few fast training epochs."""
+    return render(outdir, n=240, D=16, kind="continuous", snr=1.0, apix=8.0, seed=3)

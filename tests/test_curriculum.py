@@ -14,7 +14,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest_train import render
+from conftest_train import TINY_TRAIN, render
 
 from drgn_core.cli import main
 from drgn_core.curriculum import parse_curriculum, radius_at, resolve_curriculum
@@ -28,8 +28,7 @@ from drgn_core.train import batch_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = ["--zdim", "1", "--enc-dim", "32", "--enc-layers", "1", "--dec-dim", "32", "--dec-layers", "1",
-        "--threads", "1", "--lr", "1e-3", "--device", "cpu", "--val-frac", "0"]
+TINY = [*TINY_TRAIN, "--val-frac", "0"]
 SMALL_MODEL = {"zdim": 2, "enc_dim": 32, "enc_layers": 1, "dec_dim": 32, "dec_layers": 1}
 
 

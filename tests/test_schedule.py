@@ -18,19 +18,18 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest_train import render
+from conftest_train import TINY_TRAIN, render, render_tiny
 
 from drgn_core.cli import main
 from drgn_core.schedule import LrSchedule, scaled_lr, schedule_for
 
-TINY = ["--zdim", "1", "--enc-dim", "32", "--enc-layers", "1", "--dec-dim", "32", "--dec-layers", "1",
-        "--threads", "1", "--lr", "1e-3", "--device", "cpu"]
+TINY = TINY_TRAIN
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return render(tmp_path_factory.mktemp("tiny"), n=240, D=16, kind="continuous", snr=1.0, apix=8.0, seed=3)
+    return render_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 def _steps(run: Path) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest_train import render
+from conftest_train import TINY_TRAIN, render, render_tiny
 
 from drgn_core.cli import main
 from drgn_core.data import ParticleData, open_particles
@@ -24,9 +24,7 @@ from drgn_core.io.mrc import read_mrc
 from drgn_core.io.table import read_table
 from drgn_core.models import HalfLattice
 
-# --device cpu: what these tests promise (bit-identical resume) is a CPU promise, also on a GPU machine
-TINY = ["--zdim", "1", "--enc-dim", "32", "--enc-layers", "1", "--dec-dim", "32", "--dec-layers", "1",
-        "--threads", "1", "--lr", "1e-3", "--device", "cpu"]
+TINY = TINY_TRAIN
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -34,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return render(tmp_path_factory.mktemp("tiny"), n=240, D=16, kind="continuous", snr=1.0, apix=8.0, seed=3)
+    return render_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

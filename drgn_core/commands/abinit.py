@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from drgn_core.commands.train import add_network_arguments
+
 HELP = "ab initio: search poses from scratch, then train the model with them (no consensus poses needed)"
 DESCRIPTION = """\
 Reconstruct without consensus poses (e.g. an EMPIAR entry that deposits particles and CTF only). Two
@@ -54,13 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     m = p.add_argument_group("model (as drgn train)")
     m.add_argument("--zdim", type=int, help="latent dimension; 0 = homogeneous (default 0)")
-    m.add_argument("--enc-dim", type=int, help="encoder width (default 256)")
-    m.add_argument("--enc-layers", type=int, help="encoder hidden layers (default 3)")
-    m.add_argument("--dec-dim", type=int, help="decoder width (default 256)")
-    m.add_argument("--dec-layers", type=int, help="decoder hidden layers (default 3)")
-    m.add_argument("--pe-type", choices=["gaussian", "geom"], help="positional encoding (default gaussian)")
-    m.add_argument("--pe-dim", type=int, help="encoding frequencies per axis (default D/2)")
-    m.add_argument("--feat-sigma", type=float, help="σ of the Gaussian features (default 0.5)")
+    add_network_arguments(m)
     s = p.add_argument_group("pose search")
     s.add_argument("--iterations", type=int, help="search rounds (default 18)")
     s.add_argument("--soft-iterations", type=int,

@@ -53,6 +53,20 @@ TRAIN_KEYS = ("epochs", "auto_stop", "batch_size", "lr", "beta", "seed", "device
               "lr_ref_batch", "train_subset")
 
 
+def add_network_arguments(m: argparse._ArgumentGroup) -> None:
+    """The encoder's and decoder's size and positional-encoding options, shared by drgn train and drgn
+    abinit (one model, one set of flags)."""
+    m.add_argument("--enc-dim", type=int, help="encoder width (default 256; paper high-res 1024)")
+    m.add_argument("--enc-layers", type=int, help="encoder hidden layers (default 3)")
+    m.add_argument("--dec-dim", type=int, help="decoder width (default 256; paper high-res 1024)")
+    m.add_argument("--dec-layers", type=int, help="decoder hidden layers (default 3)")
+    m.add_argument("--pe-type", choices=["gaussian", "geom"],
+                   help="positional encoding: random Gaussian features or the paper's geometric sinusoids "
+                        "(default gaussian)")
+    m.add_argument("--pe-dim", type=int, help="encoding frequencies per axis (default D/2)")
+    m.add_argument("--feat-sigma", type=float, help="σ of the Gaussian features (default 0.5)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("table", help="canonical particle table (drgn import / drgn simulate)")
     p.add_argument("stack", help="particle stack whose row i is table row i (drgn downsample)")
@@ -67,17 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "job after deleting its outputs (the workflow passes it)")
     m = p.add_argument_group("model")
     m.add_argument("--zdim", type=int, help="latent dimension; 0 = homogeneous reconstruction (default 10)")
-    m.add_argument("--enc-dim", type=int, help="encoder width (default 256; paper high-res 1024)")
-    m.add_argument("--enc-layers", type=int, help="encoder hidden layers (default 3)")
-    m.add_argument("--dec-dim", type=int, help="decoder width (default 256; paper high-res 1024)")
-    m.add_argument("--dec-layers", type=int, help="decoder hidden layers (default 3)")
+    add_network_arguments(m)
     m.add_argument("--enc-mask", type=int,
                    help="encoder input: transform pixels within this radius (px) only (default D/2: all)")
-    m.add_argument("--pe-type", choices=["gaussian", "geom"],
-                   help="positional encoding: random Gaussian features or the paper's geometric sinusoids "
-                        "(default gaussian)")
-    m.add_argument("--pe-dim", type=int, help="encoding frequencies per axis (default D/2)")
-    m.add_argument("--feat-sigma", type=float, help="σ of the Gaussian features (default 0.5)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=_epochs,
                    help="passes over the training images (default 20), or 'auto': stop once the latent and "
