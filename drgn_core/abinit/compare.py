@@ -33,8 +33,9 @@ def _project_so3(M: np.ndarray) -> np.ndarray:
     return U @ np.diag([1.0, 1.0, d]) @ Vt
 
 
-def _align(A_true: np.ndarray, A_found: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(G, per-particle errors in degrees) for A_found ≈ A_true·G."""
+def fit_global_rotation(A_true: np.ndarray, A_found: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(G, per-particle errors in degrees) for A_found ≈ A_true·G, robust to a minority of images far off
+    (refitted on those within twice the median error)."""
     G = _project_so3(np.einsum("nji,njk->ik", A_true, A_found))
     err = rotation_angle(A_true @ G, A_found)
     for _ in range(3):
@@ -55,7 +56,7 @@ def pose_errors(A_true: np.ndarray, t_true: np.ndarray, A_found: np.ndarray, t_f
     A_found = np.asarray(A_found, dtype=np.float64)
     best = None
     for hand, Af in (("same", A_found), ("flipped", MIRROR @ A_found @ MIRROR)):
-        G, err = _align(A_true, Af)
+        G, err = fit_global_rotation(A_true, Af)
         if best is None or np.median(err) < np.median(best[2]):
             best = (hand, G, err, Af)
     hand, G, err, Af = best
