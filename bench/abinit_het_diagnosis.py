@@ -99,7 +99,8 @@ def main() -> int:
                "own_frame_median_error_deg": float(np.median(own_err[m])),
                "drift_deg": float(np.degrees(np.linalg.norm(rv)))}
         if axis is not None and np.linalg.norm(rv) > 1e-9:
-            row["drift_axis_cos_hinge_axis"] = float(abs(rv @ axis) / np.linalg.norm(rv) / np.linalg.norm(axis))
+            cos = abs(rv @ axis) / np.linalg.norm(rv) / np.linalg.norm(axis)
+            row["drift_axis_cos_hinge_axis"] = float(cos)
         out["groups"].append(row)
         drifted[m] = A_t[m] @ Gg
     out["own_frame_median_error_deg"] = float(np.median(own_err))

@@ -3,6 +3,7 @@ the run directory it writes (read by drgn volumes / export), resume after a kill
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -175,7 +176,7 @@ def test_refinement_gives_rotations_a_gradient():
 # The module's one ab initio run, heterogeneous (--zdim 2) so that the run-directory, resume, export and
 # filter tests all check the encoder path too (the homogeneous --zdim 0 run is the workflow test's,
 # tests/test_workflow_abinit.py).
-HET = ["--zdim", "2", "--enc-dim", "32", "--enc-layers", "1"]
+HET = ["--zdim", "2", "--enc-dim", "32", "--enc-layers", "1", "--classes", "2", "--class-rounds", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -191,13 +192,19 @@ def test_run_directory_is_a_training_run(tiny_run, tmp_path):
     from drgn_core.io.table import read_table
 
     for f in ("config.yaml", "model.pt", "z.npy", "indices.npy", "train_log.csv", "learning_curve.png",
-              "poses.star", "confidence.npy", "confidence.png", "abinit.json", "search/map.mrc"):
+              "poses.star", "confidence.npy", "confidence.png", "abinit.json", "search/map.mrc",
+              "classes.npy"):
         assert (tiny_run / f).exists(), f
     cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert cfg["abinit"]["search"]["base_rotations"] == 576 and "arbitrary" in cfg["abinit"]["hand"]
     assert Path(cfg["inputs"]["table"]) == (tiny_run / "poses.star").resolve()
     poses = read_table(tiny_run / "poses.star")
     assert len(poses) == 160 and len(np.load(tiny_run / "confidence.npy")) == 160
+    # --classes 2: every particle in one of the two classes, the sizes recorded in abinit.json
+    classes = np.load(tiny_run / "classes.npy")
+    assert classes.shape == (160,) and set(np.unique(classes)) <= {0, 1}
+    summary = json.loads((tiny_run / "abinit.json").read_text())
+    assert summary["class_sizes"] == np.bincount(classes, minlength=2).tolist()
     # --zdim > 0: the encoder is trained with the refined poses; z.npy holds one finite latent per row
     # and drgn volumes decodes at latent points (analyze/traverse read the same files)
     z = np.load(tiny_run / "z.npy")
@@ -223,6 +230,59 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_run, sim32, tmp_p
     wa = torch.load(tiny_run / "model.pt", weights_only=True)["state_dict"]
     wb = torch.load(killed / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_mid_class_rounds_equals_the_uninterrupted_run(tiny_run, sim32, tmp_path):
+    """Killed after the first of the two class rounds (search and first refinement complete), the run
+    resumes from classes_000.npz and ends with the uninterrupted run's classes, poses and weights."""
+    from drgn_core.io.table import read_table
+
+    killed = tmp_path / "killed_classes"
+    (killed / "checkpoints").mkdir(parents=True)
+    shutil.copy(tiny_run / "config.yaml", killed / "config.yaml")
+    ck = tiny_run / "checkpoints"
+    for f in [*sorted(ck.glob("search_*.npz")), ck / "refine.pt", ck / "classes_000.npz"]:
+        shutil.copy(f, killed / "checkpoints")
+    out = drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o", str(killed), *TINY,
+               *HET, "--resume")
+    assert "resuming the class rounds after round 1/2" in out.stderr
+    assert np.array_equal(np.load(tiny_run / "classes.npy"), np.load(killed / "classes.npy"))
+    a, b = read_table(tiny_run / "poses.star"), read_table(killed / "poses.star")
+    assert np.array_equal(a.poses(), b.poses()) and np.array_equal(a.shifts_A(), b.shifts_A())
+    wa = torch.load(tiny_run / "model.pt", weights_only=True)["state_dict"]
+    wb = torch.load(killed / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_class_rounds_sort_images_by_state(tmp_path):
+    """Two compositional states with the true poses but 30 % of the images in the wrong class: the
+    multi-class rounds (each class map back-projected from its members, every image searched against
+    both) put almost every image with its own state, and keep its pose."""
+    from drgn_core.abinit.classes import class_rounds
+    from drgn_core.backproject import split_halves
+    from drgn_core.data import open_particles, read_rows
+    from drgn_core.io.table import read_table
+    from drgn_core.simulate import SimConfig, run_simulation
+
+    sim = tmp_path / "sim"
+    run_simulation(SimConfig(n=240, D=32, snr=1.0, heterogeneity="compositional", n_states=2, seed=4), sim,
+                   progress=False)
+    table = read_table(sim / "table.star")
+    src = open_particles(sim / "particles.mrcs", table)
+    states = table.gt("drgnGtState").astype(np.int64)
+    n, apix = len(table), src.apix
+    wrong = np.random.default_rng(0).random(n) < 0.3
+    start = {"labels": np.where(wrong, 1 - states, states), "poses": table.poses(),
+             "shifts": table.shifts_px(apix)}
+    cfg = SearchConfig(keep=2, classes=2, class_rounds=3, L_max=14).resolved(src.D)
+    out = class_rounds(lambda p: read_rows(src, p), n, src.D, apix, table.ctf_params(apix),
+                       split_halves(np.arange(n), None, 0), start, cfg, 0, tmp_path / "run",
+                       torch.device("cpu"), progress=False, log=lambda s: None)
+    # class ids stay those of the start (no relabelling), so the labels are compared as they are
+    assert (out["labels"] == states).mean() > 0.95, (out["labels"] == states).mean()
+    assert np.median(rotation_angle(table.poses(), out["poses"])) < 6.0
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        f"classes_{r:03d}.npz" for r in range(3)]
 
 
 def test_fresh_run_ignores_orphan_checkpoints(tiny_run, sim32, tmp_path):

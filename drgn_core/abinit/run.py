@@ -9,7 +9,10 @@ one):
 1. pose search (`drgn_core.abinit.rounds`, `drgn_core.abinit.search`): soft then hard rounds of
    search and reconstruction at a growing Fourier radius;
 2. refinement (`drgn_core.abinit.refine`): the model (homogeneous decoder, or encoder + decoder when
-   zdim > 0) trained together with per-particle pose corrections by gradient descent.
+   zdim > 0) trained together with per-particle pose corrections by gradient descent;
+3. with `--classes K` (zdim > 0): the latent cut into K classes, every image searched against every class
+   map (`drgn_core.abinit.classes`, checkpoints/classes_RRR.npz), and a second refinement of a fresh model
+   from the classified poses (checkpoints/refine_classes.pt).
 
 The run directory is a `drgn train` run directory (docs/architecture.md § Run directory of drgn train):
 config.yaml, model.pt, z.npy, z_logvar.npy, indices.npy, train_log.csv, learning_curve.png,
@@ -21,6 +24,7 @@ checkpoints/ — so `drgn volumes`, `analyze`, `traverse`, `explore`, `evaluate`
 - `confidence.npy` (+ `confidence.png`): per particle, rows as indices.npy, the Δχ² gap between the
   best pose and the best one more than 20° away (`drgn filter` can threshold it);
 - `search/`: the last search round's back-projection (map.mrc, half maps, fsc.json, fsc.png, maps.png);
+- `classes.npy` (with `--classes K`, zdim > 0): each particle's class after the multi-class search;
 - `abinit.json`: the search's summary, and the note that the hand of the map is arbitrary.
 """
 
@@ -106,7 +110,8 @@ def _drop_orphan_checkpoints(run: Path) -> None:
     config.yaml is gone (a workflow rerun after its outputs were deleted): without that config they cannot
     be resumed, and reading them would mix two runs. They are drgn abinit's own files, so they are removed."""
     ck = run / "checkpoints"
-    stale = sorted(ck.glob("search_*.npz")) + sorted(ck.glob("refine.pt")) if ck.is_dir() else []
+    stale = ([p for pat in ("search_*.npz", "classes_*.npz", "refine.pt", "refine_classes.pt")
+              for p in sorted(ck.glob(pat))] if ck.is_dir() else [])
     if stale:
         log(f"{run}: removing {len(stale)} checkpoint(s) of an earlier run without config.yaml")
         for p in stale:
@@ -191,11 +196,33 @@ def abinit(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir:
     torch.manual_seed(seed)
     model = HetVAE(mcfg, generator=torch.Generator().manual_seed(seed)).to(dev)
     A, dt, log_rows = refine(model, data, rcfg, seed, run / "checkpoints" / "refine.pt", progress, log)
-    found = with_poses(table, rows, A, (result["shifts"] + dt) * apix)
+    shifts, labels = result["shifts"] + dt, None
+
+    # ---- heterogeneous runs, --classes K: classes of the latent, a multi-class search, a second refinement
+    if mcfg.zdim > 0 and scfg.classes > 1:
+        from drgn_core.abinit.classes import class_rounds
+        from drgn_core.analysis import kmeans
+        from drgn_core.backproject import split_halves
+
+        mu, _ = encode_latents(model, data, progress=progress)
+        start = {"labels": kmeans(mu, min(scfg.classes, n), seed)[0], "poses": A, "shifts": shifts}
+        cls = class_rounds(read, n, D, apix, ctf, split_halves(np.arange(n), None, seed), start, scfg, seed,
+                           run, dev, progress=progress, log=log)
+        classified = with_poses(table, rows, cls["poses"], cls["shifts"] * apix)
+        data = ParticleData(source, classified, rows, lattice, mcfg.norm_scale, dev, data_mode, 0, progress,
+                            mix=4)
+        torch.manual_seed(seed)
+        model = HetVAE(mcfg, generator=torch.Generator().manual_seed(seed)).to(dev)
+        A, dt, log_rows = refine(model, data, rcfg, seed, run / "checkpoints" / "refine_classes.pt", progress,
+                                 log)
+        shifts, labels = cls["shifts"] + dt, cls["labels"]
+    found = with_poses(table, rows, A, shifts * apix)
 
     # ---- outputs; model.pt last, so that its presence means a finished run
     write_table(found, run / "poses.star", abinit_run=str(run.resolve()), hand="arbitrary")
     save_npy(run / "confidence.npy", result["confidence"].astype(np.float32))
+    if labels is not None:
+        save_npy(run / "classes.npy", labels.astype(np.int64))
     plot_confidence(run / "confidence.png", result["confidence"])
     mu, logvar = encode_latents(model, data, progress=progress)
     save_npy(run / "z.npy", mu)
@@ -207,6 +234,8 @@ def abinit(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir:
     summary = {"n_particles": n, "D": D, "apix": apix, "search": scfg.to_dict(), "refine": rcfg.to_dict(),
                "median_confidence": float(np.median(result["confidence"])),
                "search_map_gsfsc_0.143_A": _gsfsc(final), "hand": HAND_NOTE}
+    if labels is not None:
+        summary["class_sizes"] = [int(c) for c in np.bincount(labels, minlength=scfg.classes)]
     with atomic_path(run / "abinit.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     with atomic_path(run / "model.pt") as tmp:

@@ -68,6 +68,8 @@ class SearchConfig:
     batch: int = 64              # images scored together
     confidence_angle: float = 20.0  # the second-best pose is the best one at least this far (degrees)
     scale: bool = True           # fit an amplitude per image and pose (scores are then correlations)
+    classes: int = 0             # zdim > 0: classes of the multi-class rounds (abinit.classes); 0: off
+    class_rounds: int = 6        # rounds of multi-class search and reconstruction
 
     @classmethod
     def from_dict(cls, d: dict) -> SearchConfig:

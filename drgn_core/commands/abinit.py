@@ -39,7 +39,7 @@ Example:
 """
 
 SEARCH_KEYS = ("iterations", "soft_iterations", "minibatch", "decay", "L_min", "L_max", "base_rotations",
-               "keep", "local_levels", "shift_extent", "shift_points", "batch")
+               "keep", "local_levels", "shift_extent", "shift_points", "batch", "classes", "class_rounds")
 REFINE_KEYS = ("epochs", "pose_start", "batch_size", "lr", "pose_lr", "beta")
 MODEL_KEYS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_type", "pe_dim", "feat_sigma")
 
@@ -75,6 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--shift-extent", type=float, help="shift search ±px (default 0.1·D)")
     s.add_argument("--shift-points", type=int, help="shift grid points per axis (default 7)")
     s.add_argument("--batch", type=int, help="images scored together (default 64)")
+    s.add_argument("--classes", type=int,
+                   help="heterogeneous runs: after a first refinement, cut its latent into this many classes "
+                        "and search every image against every class map (3D classification), then refine "
+                        "again from the classified poses; 0: off (default 0)")
+    s.add_argument("--class-rounds", type=int, help="rounds of the multi-class search (default 6)")
     r = p.add_argument_group("refinement (gradient descent)")
     r.add_argument("--epochs", type=int, help="refinement epochs (default 20)")
     r.add_argument("--pose-start", type=int, help="epoch from which poses move too (default 5)")
@@ -103,12 +108,14 @@ def _validate(opts: dict) -> None:
     if "decay" in opts and not 0 <= opts["decay"] < 1:
         raise DrgnError(f"--decay must be in [0, 1), got {opts['decay']}")
     for k in ("soft_iterations", "minibatch", "local_levels", "pose_start", "zdim", "L_max", "enc_layers",
-              "dec_layers"):
+              "dec_layers", "classes", "class_rounds"):
         if k in opts and opts[k] < 0:
             raise DrgnError(f"--{k.replace('_', '-')} must be >= 0, got {opts[k]}")
     for k in ("lr", "pose_lr", "feat_sigma"):
         if k in opts and not opts[k] > 0:
             raise DrgnError(f"--{k.replace('_', '-')} must be > 0, got {opts[k]}")
+    if opts.get("classes") == 1:
+        raise DrgnError("--classes must be 0 (off) or at least 2, got 1")
     if "shift_extent" in opts and opts["shift_extent"] < 0:
         raise DrgnError(f"--shift-extent must be >= 0, got {opts['shift_extent']}")
 
