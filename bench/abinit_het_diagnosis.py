@@ -92,17 +92,21 @@ def main() -> int:
     drifted, own_err = A_t.copy(), np.zeros(len(err))
     for g in np.unique(group):
         m = group == g
-        Gg, own_err[m] = fit_global_rotation(A_t[m], A_f[m])
+        # each group's own frame, in its own hand: maps reconstructed per class have independent hands
+        hands = ((A_f[m], "same"), (MIRROR @ A_f[m] @ MIRROR, "flipped"))
+        fits = [(fit_global_rotation(A_t[m], Af), hand) for Af, hand in hands]
+        (Gg, own_err[m]), own_hand = min(fits, key=lambda f: np.median(f[0][1]))
         rv = Rotation.from_matrix(Gg @ G.T).as_rotvec()
         row = {"group": int(g), "n": int(m.sum()), "median_error_deg": float(np.median(err[m])),
                "fraction_over_30deg": float((err[m] > 30).mean()),
                "own_frame_median_error_deg": float(np.median(own_err[m])),
+               "own_frame_hand": "as the global one" if own_hand == "same" else "mirrored",
                "drift_deg": float(np.degrees(np.linalg.norm(rv)))}
         if axis is not None and np.linalg.norm(rv) > 1e-9:
             cos = abs(rv @ axis) / np.linalg.norm(rv) / np.linalg.norm(axis)
             row["drift_axis_cos_hinge_axis"] = float(cos)
         out["groups"].append(row)
-        drifted[m] = A_t[m] @ Gg
+        drifted[m] = A_t[m] @ Gg if own_hand == "same" else MIRROR @ (A_t[m] @ Gg) @ MIRROR
     out["own_frame_median_error_deg"] = float(np.median(own_err))
     out["latent_abinit"] = _metric(kind, np.load(run / "z.npy"), truth)
     if args.controls:

@@ -116,7 +116,8 @@ def refine(model: HetVAE, data: ParticleData, rcfg: RefineConfig, seed: int, ck_
         popt.load_state_dict(ck["pose_optimizer"])
         gen.set_state(ck["rng"])
         epoch, rows = int(ck["epoch"]), list(ck["log"])
-        log(f"resuming the refinement at epoch {epoch + 1}/{rcfg.epochs}")
+        log(f"resuming the refinement at epoch {epoch + 1}/{rcfg.epochs}" if epoch < rcfg.epochs
+            else f"the refinement's {rcfg.epochs} epochs are complete (checkpoint {ck_path.name})")
     model.train()
     positions = np.arange(data.n)
     while epoch < rcfg.epochs:

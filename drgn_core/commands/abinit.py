@@ -19,12 +19,16 @@ phases, both resumable:
 2. refinement: the cryoDRGN model (homogeneous decoder with --zdim 0, encoder + decoder otherwise) is
    trained for --epochs with per-particle pose corrections learned by gradient descent (from epoch
    --pose-start).
+3. with --classes K (heterogeneous runs): the refined latent is cut into K classes, and for --class-rounds
+   rounds every image is searched against every class's back-projected map and joins the best-fitting one
+   (3D classification); a fresh model is then refined from those poses. One consensus map biases the
+   poses of states far from it; this gives each image a reference of its own state (about 3x the CPU).
 
 The output is a drgn train run directory (drgn volumes / analyze / traverse / explore read it as is), plus
 poses.star (the canonical table with the found poses, which config.yaml names as the run's table, so
 drgn export writes them into STAR and .cs files), confidence.npy/.png (per particle: the Δχ² gap between
 the best pose and the best one > 20° away; low values are unreliable particles), search/ (the search's
-back-projection and FSC) and abinit.json.
+back-projection and FSC), abinit.json and, with --classes, classes.npy (each particle's class).
 
 The hand of the map is arbitrary (its mirror image fits the data equally well): check it, and flip it
 with `drgn volumes --flip` and `drgn export --flip-hand`.
@@ -34,7 +38,7 @@ CPU it ends with the result of an uninterrupted run.
 
 Example:
   drgn abinit table.star particles.64.mrcs -o runs/abinit --zdim 0
-  drgn abinit table.star particles.64.mrcs -o runs/abinit_het --zdim 8 --epochs 30
+  drgn abinit table.star particles.64.mrcs -o runs/abinit_het --zdim 8 --epochs 30 --classes 5
   drgn volumes runs/abinit -o runs/abinit/map --flip
 """
 
