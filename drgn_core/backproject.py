@@ -207,6 +207,9 @@ class Reconstruction:
     apix: float
     n_half: tuple[int, int]
     split: str
+    # with reconstruct(..., wiener_halves=True): each half map Wiener-filtered by the half-set SNR, the
+    # references for scoring the OTHER half's images without their own noise in them (abinit.classes)
+    halves_wiener: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def split_halves(table_rows: np.ndarray, random_subset: np.ndarray | None, seed: int) -> np.ndarray:
@@ -226,8 +229,9 @@ def split_halves(table_rows: np.ndarray, random_subset: np.ndarray | None, seed:
 def reconstruct(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix: float, poses: np.ndarray,
                 shifts_px: np.ndarray, ctf_params: np.ndarray | None, halves: np.ndarray,
                 split: str = "", interpolation: str = "trilinear", device: str = "cpu",
-                chunk: int = 1024, progress: bool = True) -> Reconstruction:
-    """Back-project n images into two half maps and a Wiener-filtered full map.
+                chunk: int = 1024, progress: bool = True, wiener_halves: bool = False) -> Reconstruction:
+    """Back-project n images into two half maps and a Wiener-filtered full map (and, with
+    `wiener_halves`, each half map Wiener-filtered by its own SNR, FSC/(1 - FSC)).
 
     `read(positions)` returns float32 images (len, D, D) for positions 0 … n-1 of the selection, in
     order (the caller maps them to table rows); poses (n, 3, 3), shifts (n, 2) px of this box, CTF
@@ -259,10 +263,18 @@ def reconstruct(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix: 
     lam = np.maximum(mean_w[: len(snr)] / snr, HALF_MAP_EPS * mean_w[: len(snr)])
     full = solve(num, weight, _per_voxel(lam, D))
 
+    filtered = None
+    if wiener_halves:
+        f = np.clip(fsc_shell_to_radius(fsc), *SNR_FSC_CLIP)
+        snr_half = f / (1 - f)
+        filtered = tuple(solve(nh, wh, _per_voxel(np.maximum(shell_mean(wh)[: len(f)] / snr_half,
+                                                               HALF_MAP_EPS * shell_mean(wh)[: len(f)]), D))
+                         for nh, wh in ((n1, w1), (n2, w2)))
+
     mask = paper_mask(full, apix)
     _, fsc_masked = fsc_curve(half1 * mask, half2 * mask)
     return Reconstruction(full, half1, half2, freq, fsc, fsc_masked, mask, apix,
-                          (int(ins.counts[0]), int(ins.counts[1])), split)
+                          (int(ins.counts[0]), int(ins.counts[1])), split, filtered)
 
 
 def _halves_for(table, rows: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
