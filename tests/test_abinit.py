@@ -327,6 +327,11 @@ def test_bad_options_and_tables_without_poses(sim32, tmp_path):
     out = drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o", str(tmp_path / "r"),
                "--L-min", "0", check=False)
     assert out.returncode == 2 and "--L-min must be >= 1" in out.stderr and not (tmp_path / "r").exists()
+    for extra, message in ((["--classes", "1"], "--classes must be 0 (off) or at least 2, got 1"),
+                           (["--classes", "3"], "--classes 3 needs a heterogeneous run (--zdim > 0)")):
+        out = drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o",
+                   str(tmp_path / "r"), *extra, check=False)
+        assert out.returncode == 2 and message in out.stderr and not (tmp_path / "r").exists(), out.stderr
     # a STAR without poses: the import hint points at drgn abinit, and --no-poses imports it
     from drgn_core.io.star_format import read_star_blocks, write_star
 

@@ -170,6 +170,9 @@ def abinit(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir:
         opts = {"zdim": 0, **{k: model_opts[k] for k in MODEL_OPTIONS if k in model_opts}}
         if opts["zdim"] < 0:
             raise DrgnError("--zdim must be >= 0")
+        if scfg.classes > 1 and opts["zdim"] == 0:
+            raise DrgnError(f"--classes {scfg.classes} needs a heterogeneous run (--zdim > 0): the classes "
+                            "are cut from the latent")
         scale = estimate_norm_scale(source, rows, np.zeros((n, 2)), lattice, seed)
         mcfg = ModelConfig(D=D, norm_scale=scale, apix=apix, **opts)
         run.mkdir(parents=True, exist_ok=True)
