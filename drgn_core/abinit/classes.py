@@ -23,7 +23,8 @@ What. The first refinement's latent is cut into K classes (k-means of z). Then, 
 
 Each class keeps its own frame (classes are not aligned to each other: that drift does not hurt the
 latent). The second refinement then trains a fresh model on the classified poses. Memory is bounded by a
-chunk of images and K maps. Each round ends with a checkpoint `checkpoints/classes_RRR.npz` (plain arrays);
+chunk of images and 3K references (two half maps and the full map per class). Each round ends with a
+checkpoint `checkpoints/classes_RRR.npz` (plain arrays);
 each batch's draw is seeded by (seed, round, class, batch), so a resumed run repeats an uninterrupted one.
 """
 
