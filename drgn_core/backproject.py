@@ -182,6 +182,14 @@ def solve(num: np.ndarray, weight: np.ndarray, reg: np.ndarray) -> np.ndarray:
     return ifftn_center(vol_ft, 3).real.astype(np.float32)
 
 
+def wiener_reg(weight: np.ndarray, snr: np.ndarray) -> np.ndarray:
+    """Per-voxel Wiener regulariser λ = mean weight / SNR per shell (at least HALF_MAP_EPS × the mean
+    weight), for `solve`: the one filter of the full map, the Wiener-filtered half maps and the search's
+    soft references."""
+    mean_w = shell_mean(weight)[: len(snr)]
+    return _per_voxel(np.maximum(mean_w / snr, HALF_MAP_EPS * mean_w), weight.shape[0])
+
+
 def snr_from_half_fsc(fsc_half: np.ndarray) -> np.ndarray:
     """Per-shell SNR of the full data set from the half-map FSC: FSC_full = 2F/(1+F), SNR = 2F/(1-F)."""
     f = np.clip(fsc_half, *SNR_FSC_CLIP)
@@ -258,18 +266,12 @@ def reconstruct(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix: 
     freq, fsc = fsc_curve(half1, half2)
 
     num, weight = n1 + n2, w1 + w2
-    mean_w = shell_mean(weight)
-    snr = snr_from_half_fsc(fsc_shell_to_radius(fsc))
-    lam = np.maximum(mean_w[: len(snr)] / snr, HALF_MAP_EPS * mean_w[: len(snr)])
-    full = solve(num, weight, _per_voxel(lam, D))
+    full = solve(num, weight, wiener_reg(weight, snr_from_half_fsc(fsc_shell_to_radius(fsc))))
 
     filtered = None
     if wiener_halves:
         f = np.clip(fsc_shell_to_radius(fsc), *SNR_FSC_CLIP)
-        snr_half = f / (1 - f)
-        filtered = tuple(solve(nh, wh, _per_voxel(np.maximum(shell_mean(wh)[: len(f)] / snr_half,
-                                                               HALF_MAP_EPS * shell_mean(wh)[: len(f)]), D))
-                         for nh, wh in ((n1, w1), (n2, w2)))
+        filtered = tuple(solve(nh, wh, wiener_reg(wh, f / (1 - f))) for nh, wh in ((n1, w1), (n2, w2)))
 
     mask = paper_mask(full, apix)
     _, fsc_masked = fsc_curve(half1 * mask, half2 * mask)

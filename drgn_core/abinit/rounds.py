@@ -26,6 +26,7 @@ from drgn_core.backproject import (
     snr_from_half_fsc,
     solve,
     split_halves,
+    wiener_reg,
 )
 from drgn_core.io.atomic import atomic_path
 from drgn_core.pose import random_poses
@@ -84,10 +85,7 @@ def soft_reference(num1: np.ndarray, den1: np.ndarray, num2: np.ndarray, den2: n
     h2 = solve(num2, den2, HALF_MAP_EPS * shell_mean(den2)[shell])
     freq, fsc = fsc_curve(h1, h2)
     num, den = num1 + num2, den1 + den2
-    mean_w = shell_mean(den)
-    snr = snr_from_half_fsc(fsc_shell_to_radius(fsc))
-    lam = np.maximum(mean_w[: len(snr)] / snr, HALF_MAP_EPS * mean_w[: len(snr)])
-    lam = lam[np.minimum(shell, len(lam) - 1)]
+    lam = wiener_reg(den, snr_from_half_fsc(fsc_shell_to_radius(fsc)))
     return solve(num, den, lam), float(crossing(freq, fsc, 0.143, apix))
 
 
