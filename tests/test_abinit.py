@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -298,6 +300,90 @@ def test_fresh_run_ignores_orphan_checkpoints(tiny_run, sim32, tmp_path):
     drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o", str(run), *TINY, *HET)
     a, b = read_table(tiny_run / "poses.star"), read_table(run / "poses.star")
     assert np.array_equal(a.poses(), b.poses()) and np.array_equal(a.shifts_A(), b.shifts_A())
+
+
+# --starts 2: soft rounds from two random streams, the more confident on a probe of 80 images continues
+STARTS = ["--zdim", "0", "--starts", "2", "--probe", "80"]
+
+
+@pytest.fixture(scope="module")
+def starts_run(sim32, tmp_path_factory) -> tuple[Path, float, float]:
+    """An uninterrupted --starts 2 run, with the seconds until its choice and until its end."""
+    run = tmp_path_factory.mktemp("abinit_starts") / "run"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "drgn_core.cli", "abinit", str(sim32 / "table.star"),
+                             str(sim32 / "particles.mrcs"), "-o", str(run), *TINY, *STARTS],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t_choice = None
+    while proc.poll() is None:
+        if t_choice is None and (run / "checkpoints" / "starts.json").exists():
+            t_choice = time.perf_counter() - t0
+        time.sleep(0.01)
+    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+    return run, t_choice, time.perf_counter() - t0
+
+
+def test_starts_continue_the_most_confident_start(starts_run, sim32, tmp_path):
+    """The choice is the start with the highest probe median confidence; it is recorded in starts.json
+    and abinit.json; the run's soft rounds are that start's (start 0 is the run's own seed: with it chosen,
+    they equal a one-start run's); of the other start only its last round (its map) is kept."""
+    run, _, _ = starts_run
+    rec = json.loads((run / "checkpoints" / "starts.json").read_text())
+    conf = [s["median_confidence"] for s in rec["starts"]]
+    assert len(conf) == 2 and rec["probe"] == 80 and rec["chosen"] == int(np.argmax(conf))
+    assert conf[0] != conf[1] and rec["starts"][0]["seed"] == 0 and rec["starts"][1]["seed"] != 0
+    assert json.loads((run / "abinit.json").read_text())["starts"] == rec
+    other = 1 - rec["chosen"]
+    ck = run / "checkpoints"
+    assert not (ck / f"start_{rec['chosen']}").exists()
+    assert sorted(p.name for p in (ck / f"start_{other}").iterdir()) == ["search_001.npz"]
+    ref = np.load(ck / "search_001.npz")["reference"]
+    assert not np.array_equal(ref, np.load(ck / f"start_{other}" / "search_001.npz")["reference"])
+    one = tmp_path / "one"
+    drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o", str(one), *TINY,
+         "--zdim", "0")
+    same = np.array_equal(ref, np.load(one / "checkpoints" / "search_001.npz")["reference"])
+    assert same == (rec["chosen"] == 0)
+
+
+def test_starts_killed_at_random_moments_resume_to_the_uninterrupted_run(starts_run, sim32, tmp_path):
+    """SIGKILL mid-start and at seeded random moments after the choice of start, each time rerun with
+    --auto-resume: the run ends with the uninterrupted run's choice, poses and weights."""
+    from drgn_core.abinit.rounds import round_path
+    from drgn_core.io.table import read_table
+
+    full, t_choice, t_total = starts_run
+    cut = tmp_path / "cut"
+    args = [sys.executable, "-m", "drgn_core.cli", "abinit", str(sim32 / "table.star"),
+            str(sim32 / "particles.mrcs"), "-o", str(cut), *TINY, *STARTS, "--auto-resume"]
+    # the first kill as soon as the second start has checkpointed its first round (before the choice),
+    # the others at seeded random moments of what remains after the choice (a relaunch resumes there)
+    first = round_path(cut, 0, 1)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not first.exists() and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (cut / "checkpoints" / "starts.json").exists()
+    before_choice = []
+    for t in np.random.default_rng(20261208).uniform(0.2, 0.7, 2) * (t_total - t_choice):
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=t)
+        except subprocess.TimeoutExpired:
+            before_choice.append(not (cut / "checkpoints" / "starts.json").exists())  # False: after
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert before_choice, f"no later kill landed before the run ended ({t_choice:.1f}, {t_total:.1f} s)"
+    out = subprocess.run(args, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((cut / "checkpoints" / "starts.json").read_text()) == \
+        json.loads((full / "checkpoints" / "starts.json").read_text())
+    a, b = read_table(full / "poses.star"), read_table(cut / "poses.star")
+    assert np.array_equal(a.poses(), b.poses()) and np.array_equal(a.shifts_A(), b.shifts_A())
+    wa = torch.load(full / "model.pt", weights_only=True)["state_dict"]
+    wb = torch.load(cut / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_export_round_trip_and_flip_hand(tiny_run, tmp_path):

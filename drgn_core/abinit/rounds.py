@@ -9,6 +9,9 @@ seeded by (seed, round, batch), so the rounds are those of an uninterrupted run.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,8 +38,10 @@ from drgn_core.progress import progress_bar
 ROUND_KEYS = ("poses", "shifts", "error", "confidence", "drawn_poses", "drawn_shifts")
 
 
-def round_path(run: Path, r: int) -> Path:
-    return run / "checkpoints" / f"search_{r:03d}.npz"
+def round_path(run: Path, r: int, start: int | None = None) -> Path:
+    """Round r's checkpoint: of the run's search, or of one of several starts' soft rounds."""
+    folder = run / "checkpoints" if start is None else run / "checkpoints" / f"start_{start}"
+    return folder / f"search_{r:03d}.npz"
 
 
 def save_round(path: Path, result: dict[str, np.ndarray], L: int, resolution_A: float) -> None:
@@ -51,10 +56,10 @@ def load_round(path: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def last_round(run: Path, n_rounds: int) -> int:
+def last_round(run: Path, n_rounds: int, start: int | None = None) -> int:
     """Number of consecutive complete rounds already checkpointed (0 when none)."""
     r = 0
-    while r < n_rounds and round_path(run, r).exists():
+    while r < n_rounds and round_path(run, r, start).exists():
         r += 1
     return r
 
@@ -97,25 +102,58 @@ def search_rounds(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix
 
     Rounds 0 … soft_iterations-1 are soft (the posterior over the whole base grid × shift grid is
     accumulated, `search.soft_batch`); the later ones are hard (top-K, local refinement, a drawn pose per
-    image). Every round's checkpoint holds the reference of the next one (`reference`).
+    image). Every round's checkpoint holds the reference of the next one (`reference`). With
+    cfg.starts > 1 the soft rounds run from several random starts and the hard rounds continue the one
+    whose map aligns a common probe of images most confidently (`choose_start`).
     """
     halves = split_halves(np.arange(n), None, seed)
+    chose = cfg.starts > 1 and 0 < cfg.soft_iterations < cfg.iterations and \
+        last_round(run, cfg.iterations) < cfg.soft_iterations
+    if chose:
+        choose_start(read, n, D, apix, ctf, cfg, seed, halves, run, device, progress, chunk, log)
     done = last_round(run, cfg.iterations)
-    sums: list[np.ndarray] | None = None  # decayed soft sums (num₁, den₁, num₂, den₂) of recent minibatches
     if done == 0:
-        rng = np.random.default_rng([seed, 0xAB1])
-        pick = _minibatch(n, cfg, seed, -1)
-        init = reference(lambda p: read(pick[p]), len(pick), D, apix, random_poses(len(pick), rng),
-                         np.zeros((len(pick), 2)), ctf[pick], halves[pick], progress)
-        vol = init.map
-        result: dict[str, np.ndarray] = {}
+        vol, sums, result = initial_reference(read, n, D, apix, ctf, cfg, seed, halves, progress), None, {}
     else:
-        result = load_round(round_path(run, done - 1))
-        vol = result["reference"]
-        if "sums" in result:
-            sums = [x if i % 2 == 0 else x.real.copy() for i, x in enumerate(result["sums"])]
-        log(f"resuming the pose search after round {done}/{cfg.iterations}")
-    for r in range(done, cfg.iterations):
+        result, vol, sums = _restore(run, done - 1)
+        if not chose or done > cfg.soft_iterations:
+            log(f"resuming the pose search after round {done}/{cfg.iterations}")
+    result = _rounds(read, n, D, apix, ctf, cfg, seed, halves, run, None, range(done, cfg.iterations), vol,
+                     sums, result, device, progress, chunk, log)
+    final = reference(read, n, D, apix, result["poses"], result["shifts"], ctf, halves, progress)
+    return result, final
+
+
+def start_seed(seed: int, start: int) -> int:
+    """The random stream of start `start`: start 0 is the run's own seed (one start = the plain search)."""
+    return seed if start == 0 else int(np.random.default_rng([seed, 0x57A27, start]).integers(2**31))
+
+
+def initial_reference(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix: float, ctf: np.ndarray,
+                      cfg: SearchConfig, seed: int, halves: np.ndarray, progress: bool) -> np.ndarray:
+    """The first reference: a minibatch back-projected at random poses."""
+    rng = np.random.default_rng([seed, 0xAB1])
+    pick = _minibatch(n, cfg, seed, -1)
+    return reference(lambda p: read(pick[p]), len(pick), D, apix, random_poses(len(pick), rng),
+                     np.zeros((len(pick), 2)), ctf[pick], halves[pick], progress).map
+
+
+def _restore(run: Path, r: int, start: int | None = None) -> tuple[dict, np.ndarray, list | None]:
+    """(result, next reference, soft sums or None) from round r's checkpoint."""
+    result = load_round(round_path(run, r, start))
+    sums = None
+    if "sums" in result:
+        sums = [x if i % 2 == 0 else x.real.copy() for i, x in enumerate(result["sums"])]
+    return result, result["reference"], sums
+
+
+def _rounds(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix: float, ctf: np.ndarray,
+            cfg: SearchConfig, seed: int, halves: np.ndarray, run: Path, start: int | None, rounds: range,
+            vol: np.ndarray, sums: list | None, result: dict, device: torch.device, progress: bool,
+            chunk: int, log: Callable[[str], None]) -> dict:
+    """Run `rounds` from reference `vol`, checkpointing each; returns the last round's result."""
+    tag = "" if start is None else f"start {start + 1}/{cfg.starts}, "
+    for r in rounds:
         L = cfg.radius(r)
         soft = r < cfg.soft_iterations
         search = PoseSearch(vol, cfg, L, apix, device)
@@ -124,7 +162,7 @@ def search_rounds(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix
         sel = _minibatch(n, cfg, seed, r) if soft else np.arange(n)
         out: dict[str, list] = {k: [] for k in keys}
         bar = progress_bar(total=len(sel),
-                           desc=f"search {r + 1}/{cfg.iterations} (L {L}{', soft' if soft else ''})",
+                           desc=f"{tag}search {r + 1}/{cfg.iterations} (L {L}{', soft' if soft else ''})",
                            unit="img", file=sys.stderr, disable=not progress, mininterval=1.0)
         b_id = 0
         for a in range(0, len(sel), chunk):
@@ -155,12 +193,98 @@ def search_rounds(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix
                             progress)
             vol, res_A = rec.map, _resolution(rec)
         result["reference"] = vol
-        save_round(round_path(run, r), result, L, res_A)
+        save_round(round_path(run, r, start), result, L, res_A)
         kind = "soft" if soft else "hard"
-        log(f"search round {r + 1}/{cfg.iterations} ({kind}, L {L} px, {len(sel)} images): next reference "
-            f"GSFSC(0.143) {res_A:.1f} Å, median confidence {np.median(result['confidence']):.1f}")
-    final = reference(read, n, D, apix, result["poses"], result["shifts"], ctf, halves, progress)
-    return result, final
+        log(f"{tag}search round {r + 1}/{cfg.iterations} ({kind}, L {L} px, {len(sel)} images): next "
+            f"reference GSFSC(0.143) {res_A:.1f} Å, median confidence {np.median(result['confidence']):.1f}")
+    return result
+
+
+def starts_path(run: Path) -> Path:
+    return run / "checkpoints" / "starts.json"
+
+
+def choose_start(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix: float, ctf: np.ndarray,
+                 cfg: SearchConfig, seed: int, halves: np.ndarray, run: Path, device: torch.device,
+                 progress: bool, chunk: int, log: Callable[[str], None]) -> dict:
+    """Soft rounds from cfg.starts random starts; the start whose last reference aligns a common probe of
+    cfg.probe images with the highest median confidence becomes the run's soft rounds.
+
+    Why: at low SNR the soft rounds settle on a wrong map for some random streams (bench/README.md,
+    *Several starts*), and a wrong map aligns images less decisively: the probe's median confidence (the
+    Δχ² gap between the best pose and the best one > confidence_angle away) separates the two. Each
+    start checkpoints its rounds (checkpoints/start_S/), the scores and the choice go to
+    checkpoints/starts.json, and the chosen start's checkpoints are linked in as the run's own soft rounds,
+    so a kill at any point resumes to the same choice. Of the other starts only the last round (its map)
+    is kept. Returns the starts.json record.
+    """
+    record_path = starts_path(run)
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+    else:
+        scores = []
+        probe = _probe_rows(n, cfg, seed)
+        L = cfg.radius(cfg.soft_iterations)  # the first hard round's radius
+        images = read(probe)
+        for s in range(cfg.starts):
+            s_seed = start_seed(seed, s)
+            done = last_round(run, cfg.soft_iterations, s)
+            if done == 0:
+                vol, sums, result = initial_reference(read, n, D, apix, ctf, cfg, s_seed, halves, progress), \
+                    None, {}
+            else:
+                result, vol, sums = _restore(run, done - 1, s)
+            if done < cfg.soft_iterations:
+                _rounds(read, n, D, apix, ctf, cfg, s_seed, halves, run, s, range(done, cfg.soft_iterations),
+                        vol, sums, result, device, progress, chunk, log)
+                vol = _restore(run, cfg.soft_iterations - 1, s)[1]
+            search = PoseSearch(vol, cfg, L, apix, device)
+            conf, err = [], []
+            for b in range(0, len(probe), cfg.batch):
+                res = search.run_batch(images[b:b + cfg.batch], ctf[probe[b:b + cfg.batch]],
+                                       np.random.default_rng([seed, 0x9A0BE, s, b]))
+                conf.append(res["confidence"])
+                err.append(res["error"])
+            conf_all, err_all = np.concatenate(conf), np.concatenate(err)
+            scores.append({"start": s, "seed": s_seed, "median_confidence": float(np.median(conf_all)),
+                           "mean_error": float(np.mean(err_all))})
+            log(f"start {s + 1}/{cfg.starts}: median confidence {scores[-1]['median_confidence']:.1f} on "
+                f"{len(probe)} probe images")
+        chosen = int(np.argmax([sc["median_confidence"] for sc in scores]))
+        record = {"chosen": chosen, "probe": len(probe), "L": int(L), "starts": scores}
+        with atomic_path(record_path) as tmp:
+            tmp.write_text(json.dumps(record, indent=2))
+    chosen = int(record["chosen"])
+    for r in range(cfg.soft_iterations):  # the chosen start's rounds become the run's (links: no copies)
+        dst = round_path(run, r)
+        if not dst.exists():
+            _link_or_copy(round_path(run, r, chosen), dst)
+    last = cfg.soft_iterations - 1
+    for s in range(cfg.starts):  # keep only the other starts' last rounds (their maps), for inspection
+        for r in range(cfg.soft_iterations):
+            if s == chosen or r < last:
+                round_path(run, r, s).unlink(missing_ok=True)
+    shutil.rmtree(round_path(run, 0, chosen).parent, ignore_errors=True)
+    log(f"pose search: start {chosen + 1} of {cfg.starts} chosen (probe median confidence "
+        + ", ".join(f"{sc['median_confidence']:.1f}" for sc in record["starts"]) + ")")
+    return record
+
+
+def _probe_rows(n: int, cfg: SearchConfig, seed: int) -> np.ndarray:
+    """The common images every start is scored on (sorted, seeded; all when there are fewer)."""
+    if cfg.probe <= 0 or cfg.probe >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, 0x9A0BE]).choice(n, cfg.probe, replace=False))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """dst becomes src's content atomically: a hard link where the file system allows, else a copy."""
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def _resolution(rec: Reconstruction) -> float:

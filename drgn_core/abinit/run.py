@@ -42,7 +42,7 @@ import torch
 
 from drgn_core import __version__
 from drgn_core.abinit.refine import RefineConfig, refine
-from drgn_core.abinit.rounds import search_rounds
+from drgn_core.abinit.rounds import search_rounds, starts_path
 from drgn_core.abinit.search import SearchConfig
 from drgn_core.data import ParticleData, estimate_norm_scale, open_particles, read_rows
 from drgn_core.errors import DrgnError
@@ -237,6 +237,8 @@ def abinit(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir:
     summary = {"n_particles": n, "D": D, "apix": apix, "search": scfg.to_dict(), "refine": rcfg.to_dict(),
                "median_confidence": float(np.median(result["confidence"])),
                "search_map_gsfsc_0.143_A": _gsfsc(final), "hand": HAND_NOTE}
+    if scfg.starts > 1 and starts_path(run).exists():  # which start the search continued, and why
+        summary["starts"] = json.loads(starts_path(run).read_text())
     if labels is not None:
         summary["class_sizes"] = [int(c) for c in np.bincount(labels, minlength=scfg.classes)]
     with atomic_path(run / "abinit.json") as tmp:

@@ -43,7 +43,8 @@ Example:
 """
 
 SEARCH_KEYS = ("iterations", "soft_iterations", "minibatch", "decay", "L_min", "L_max", "base_rotations",
-               "keep", "local_levels", "shift_extent", "shift_points", "batch", "classes", "class_rounds")
+               "keep", "local_levels", "shift_extent", "shift_points", "batch", "classes", "class_rounds",
+               "starts", "probe")
 REFINE_KEYS = ("epochs", "pose_start", "batch_size", "lr", "pose_lr", "beta")
 MODEL_KEYS = ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "pe_type", "pe_dim", "feat_sigma")
 
@@ -73,6 +74,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Fourier radius (px) of the first round (default 10)")
     s.add_argument("--L-max", dest="L_max", type=int,
                    help="Fourier radius (px) of the last round (default min(24, D/2-1))")
+    s.add_argument("--starts", type=int,
+                   help="run the soft rounds from this many random starts and continue the one whose map "
+                        "aligns a common probe of images most confidently: at low SNR a single start can "
+                        "settle on a wrong map (default 1)")
+    s.add_argument("--probe", type=int, help="with --starts: images each start is scored on (default 500)")
     s.add_argument("--base-rotations", type=int, help="points of the base SO(3) grid (default 2048, ~12°)")
     s.add_argument("--keep", type=int, help="poses kept per image for local refinement (default 8)")
     s.add_argument("--local-levels", type=int, help="local refinement levels (default 3)")
@@ -105,8 +111,8 @@ def _given(args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
 def _validate(opts: dict) -> None:
     from drgn_core.errors import DrgnError
 
-    for k in ("iterations", "base_rotations", "keep", "shift_points", "batch", "epochs", "batch_size",
-              "L_min", "enc_dim", "dec_dim"):
+    for k in ("iterations", "starts", "probe", "base_rotations", "keep", "shift_points", "batch", "epochs",
+              "batch_size", "L_min", "enc_dim", "dec_dim"):
         if k in opts and opts[k] < 1:
             raise DrgnError(f"--{k.replace('_', '-')} must be >= 1, got {opts[k]}")
     if "decay" in opts and not 0 <= opts["decay"] < 1:
