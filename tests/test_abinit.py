@@ -341,7 +341,8 @@ def test_starts_continue_the_most_confident_start(starts_run, sim32, tmp_path):
     assert not np.array_equal(ref, np.load(ck / f"start_{other}" / "search_001.npz")["reference"])
     one = tmp_path / "one"
     drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o", str(one), *TINY,
-         "--zdim", "0")
+         "--zdim", "0", "--starts", "1")
+    assert not (one / "checkpoints" / "starts.json").exists()
     same = np.array_equal(ref, np.load(one / "checkpoints" / "search_001.npz")["reference"])
     assert same == (rec["chosen"] == 0)
 

@@ -70,7 +70,7 @@ class SearchConfig:
     scale: bool = True           # fit an amplitude per image and pose (scores are then correlations)
     classes: int = 0             # zdim > 0: classes of the multi-class rounds (abinit.classes); 0: off
     class_rounds: int = 6        # rounds of multi-class search and reconstruction
-    starts: int = 1              # soft rounds from this many random starts; the most confident continues
+    starts: int = 4              # soft rounds from this many random starts; the most confident continues
     probe: int = 500             # images every start's map is scored on (rounds.choose_start)
 
     @classmethod

@@ -16,6 +16,8 @@ phases, both resumable:
    The first --soft-iterations rounds weigh every rotation of a near-uniform SO(3) grid (--base-rotations)
    and every shift of a --shift-points² grid (±--shift-extent px) by its posterior probability; the later
    rounds keep the --keep best poses per image and refine them locally (--local-levels, steps halved).
+   The soft rounds run from --starts random starts; the hard rounds continue the start whose map aligns
+   --probe common images most confidently (at low SNR one start in two can settle on a wrong map).
 2. refinement: the cryoDRGN model (homogeneous decoder with --zdim 0, encoder + decoder otherwise) is
    trained for --epochs with per-particle pose corrections learned by gradient descent (from epoch
    --pose-start).
@@ -77,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--starts", type=int,
                    help="run the soft rounds from this many random starts and continue the one whose map "
                         "aligns a common probe of images most confidently: at low SNR a single start can "
-                        "settle on a wrong map (default 1)")
+                        "settle on a wrong map; 1: one start (default 4)")
     s.add_argument("--probe", type=int, help="with --starts: images each start is scored on (default 500)")
     s.add_argument("--base-rotations", type=int, help="points of the base SO(3) grid (default 2048, ~12°)")
     s.add_argument("--keep", type=int, help="poses kept per image for local refinement (default 8)")
