@@ -111,13 +111,10 @@ def search_rounds(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix
         last_round(run, cfg.iterations) < cfg.soft_iterations
     if chose:
         choose_start(read, n, D, apix, ctf, cfg, seed, halves, run, device, progress, chunk, log)
-    done = last_round(run, cfg.iterations)
-    if done == 0:
-        vol, sums, result = initial_reference(read, n, D, apix, ctf, cfg, seed, halves, progress), None, {}
-    else:
-        result, vol, sums = _restore(run, done - 1)
-        if not chose or done > cfg.soft_iterations:
-            log(f"resuming the pose search after round {done}/{cfg.iterations}")
+    done, result, vol, sums = _where(read, n, D, apix, ctf, cfg, seed, halves, run, None, cfg.iterations,
+                                     progress)
+    if done and not chose:
+        log(f"resuming the pose search after round {done}/{cfg.iterations}")
     result = _rounds(read, n, D, apix, ctf, cfg, seed, halves, run, None, range(done, cfg.iterations), vol,
                      sums, result, device, progress, chunk, log)
     final = reference(read, n, D, apix, result["poses"], result["shifts"], ctf, halves, progress)
@@ -138,13 +135,19 @@ def initial_reference(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, 
                      np.zeros((len(pick), 2)), ctf[pick], halves[pick], progress).map
 
 
-def _restore(run: Path, r: int, start: int | None = None) -> tuple[dict, np.ndarray, list | None]:
-    """(result, next reference, soft sums or None) from round r's checkpoint."""
-    result = load_round(round_path(run, r, start))
+def _where(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix: float, ctf: np.ndarray,
+           cfg: SearchConfig, seed: int, halves: np.ndarray, run: Path, start: int | None, n_rounds: int,
+           progress: bool) -> tuple[int, dict, np.ndarray, list | None]:
+    """Where a search (or one start's soft rounds) stands: (rounds done of `n_rounds`, the last round's
+    result, the next reference, the decayed soft sums or None), from its last checkpoint or from scratch."""
+    done = last_round(run, n_rounds, start)
+    if done == 0:
+        return 0, {}, initial_reference(read, n, D, apix, ctf, cfg, seed, halves, progress), None
+    result = load_round(round_path(run, done - 1, start))
     sums = None
     if "sums" in result:
         sums = [x if i % 2 == 0 else x.real.copy() for i, x in enumerate(result["sums"])]
-    return result, result["reference"], sums
+    return done, result, result["reference"], sums
 
 
 def _rounds(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix: float, ctf: np.ndarray,
@@ -228,16 +231,13 @@ def choose_start(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix:
         images = read(probe)
         for s in range(cfg.starts):
             s_seed = start_seed(seed, s)
-            done = last_round(run, cfg.soft_iterations, s)
-            if done == 0:
-                vol, sums, result = initial_reference(read, n, D, apix, ctf, cfg, s_seed, halves, progress), \
-                    None, {}
-            else:
-                result, vol, sums = _restore(run, done - 1, s)
+            done, result, vol, sums = _where(read, n, D, apix, ctf, cfg, s_seed, halves, run, s,
+                                             cfg.soft_iterations, progress)
             if done < cfg.soft_iterations:
-                _rounds(read, n, D, apix, ctf, cfg, s_seed, halves, run, s, range(done, cfg.soft_iterations),
-                        vol, sums, result, device, progress, chunk, log)
-                vol = _restore(run, cfg.soft_iterations - 1, s)[1]
+                result = _rounds(read, n, D, apix, ctf, cfg, s_seed, halves, run, s,
+                                 range(done, cfg.soft_iterations), vol, sums, result, device, progress, chunk,
+                                 log)
+                vol = result["reference"]
             search = PoseSearch(vol, cfg, L, apix, device)
             conf, err = [], []
             for b in range(0, len(probe), cfg.batch):
