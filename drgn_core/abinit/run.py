@@ -145,7 +145,7 @@ def abinit(table_path: str | os.PathLike, stack_path: str | os.PathLike, outdir:
             if stored["inputs"][f"source_{key}_sha256" if key == "table" else "stack_sha256"] != sha256(p):
                 raise DrgnError(f"{p}: the run started with other {key} content; a resumed run must use the "
                                 "same data")
-        scfg = SearchConfig.from_dict(ab["search"])
+        scfg = SearchConfig.from_dict({"starts": 1, **ab["search"]})  # runs from before --starts had one
         rcfg = RefineConfig.from_dict(ab["refine"])
         mcfg0 = stored["model"]
         seed = int(ab["seed"])
