@@ -387,6 +387,29 @@ def test_starts_killed_at_random_moments_resume_to_the_uninterrupted_run(starts_
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_run_from_before_starts_resumes_with_one_start(sim32, tmp_path):
+    """A run whose config.yaml predates --starts (no `starts` key) and was killed mid-search resumes as
+    the one-start search it was, not as a 4-start one: the same poses as an uninterrupted --starts 1 run."""
+    import yaml
+
+    from drgn_core.io.table import read_table
+
+    one = tmp_path / "one"
+    drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o", str(one), *TINY,
+         "--zdim", "0", "--starts", "1")
+    old = tmp_path / "old"
+    (old / "checkpoints").mkdir(parents=True)
+    cfg = yaml.safe_load((one / "config.yaml").read_text())
+    del cfg["abinit"]["search"]["starts"], cfg["abinit"]["search"]["probe"]
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg))
+    shutil.copy(one / "checkpoints" / "search_000.npz", old / "checkpoints")
+    drgn("abinit", str(sim32 / "table.star"), str(sim32 / "particles.mrcs"), "-o", str(old), *TINY,
+         "--zdim", "0", "--resume")
+    assert not (old / "checkpoints" / "starts.json").exists()
+    a, b = read_table(one / "poses.star"), read_table(old / "poses.star")
+    assert np.array_equal(a.poses(), b.poses()) and np.array_equal(a.shifts_A(), b.shifts_A())
+
+
 def test_export_round_trip_and_flip_hand(tiny_run, tmp_path):
     """Exported STAR → re-imported → back-projected equals the back-projection of the run's poses; the
     hand-flipped export back-projects to the mirror image."""
