@@ -240,11 +240,15 @@ def choose_start(read: Callable[[np.ndarray], np.ndarray], n: int, D: int, apix:
                 vol = result["reference"]
             search = PoseSearch(vol, cfg, L, apix, device)
             conf, err = [], []
+            bar = progress_bar(total=len(probe), desc=f"start {s + 1}/{cfg.starts}, probe (L {L})",
+                               unit="img", file=sys.stderr, disable=not progress, mininterval=1.0)
             for b in range(0, len(probe), cfg.batch):
                 res = search.run_batch(images[b:b + cfg.batch], ctf[probe[b:b + cfg.batch]],
                                        np.random.default_rng([seed, 0x9A0BE, s, b]))
                 conf.append(res["confidence"])
                 err.append(res["error"])
+                bar.update(len(res["confidence"]))
+            bar.close()
             conf_all, err_all = np.concatenate(conf), np.concatenate(err)
             scores.append({"start": s, "seed": s_seed, "median_confidence": float(np.median(conf_all)),
                            "mean_error": float(np.mean(err_all))})
