@@ -38,23 +38,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cryodrgn_compare import Job  # the side-by-side runner with CPU accounting
-
-
-def simulate(work: Path, n: int, D: int, apix: float, snr: float, seed: int) -> Path:
-    from drgn_core.simulate import SimConfig, run_simulation
-
-    data = work / f"homo_D{D}_n{n}_apix{apix:g}_snr{snr:g}_s{seed}"
-    if not (data / "table.star").exists():
-        run_simulation(SimConfig(n=n, D=D, apix=apix, snr=snr, heterogeneity="none", seed=seed), data,
-                       progress=False)
-    return data
+from cryodrgn_compare import Job, add_data_arguments, prepared, run_side_by_side  # the shared runner
 
 
 def unpickle(path: Path):
@@ -96,24 +85,14 @@ def first_reaching(curve: list[dict], target: float) -> dict | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cryodrgn", default=shutil.which("cryodrgn"), help="the cryodrgn executable")
-    ap.add_argument("--n", type=int, default=1000, help="particles (default 1000)")
-    ap.add_argument("--D", type=int, default=64)
-    ap.add_argument("--apix", type=float, default=3.0)
-    ap.add_argument("--snr", type=float, default=0.1)
-    ap.add_argument("--epochs", type=int, default=30, help="cryoDRGN's epochs (default 30, its default)")
-    ap.add_argument("--seed", type=int, default=0, help="the data's seed")
+    add_data_arguments(ap, 1000, 30, "cryoDRGN's epochs (default 30, its default)")
     ap.add_argument("--minutes", type=float, default=0, help="stop both after this long (0: no limit)")
     ap.add_argument("--extra", default="", help="more drgn abinit flags")
     ap.add_argument("--cryodrgn-extra", default="", help="more cryodrgn abinit flags")
-    ap.add_argument("--workdir", type=Path, required=True)
     a = ap.parse_args()
-    if not a.cryodrgn:
-        sys.exit("cryodrgn not found: give --cryodrgn PATH (install cryodrgn==4.3.1 in its own venv)")
     from drgn_core.io.table import read_table
 
-    a.workdir.mkdir(parents=True, exist_ok=True)
-    data = simulate(a.workdir, a.n, a.D, a.apix, a.snr, a.seed)
+    data = prepared(a, "none")
     table = read_table(data / "table.star")
     out_d, out_c = a.workdir / "drgnflow", a.workdir / "cryodrgn"
     for d in (out_d, out_c):
@@ -133,7 +112,7 @@ def main() -> int:
              "--num-workers", "0", "--no-analysis", "--seed", "0", *shlex.split(a.cryodrgn_extra)]
     import yaml
 
-    def search_done(_e: int) -> Path:
+    def search_done() -> Path:
         """drgnflow's last search round: its checkpoint holds every particle's poses."""
         cfg = out_d / "config.yaml"
         if not cfg.exists():
@@ -141,30 +120,17 @@ def main() -> int:
         its = yaml.safe_load(cfg.read_text())["abinit"]["search"]["iterations"]
         return out_d / "checkpoints" / f"search_{its - 1:03d}.npz"
 
-    marks_d = {1: search_done, 2: lambda _e: out_d / "model.pt"}
-    jobs = [Job("drgnflow", cmd_d, env, a.workdir / "drgnflow.log", lambda e: marks_d[e](e)),
+    jobs = [Job("drgnflow", cmd_d, env, a.workdir / "drgnflow.log",
+                lambda e: search_done() if e == 1 else out_d / "model.pt"),
             Job("cryodrgn", cmd_c, env, a.workdir / "cryodrgn.log", lambda e: out_c / f"pose.{e - 1}.pkl")]
-    n_marks = {"drgnflow": 2, "cryodrgn": a.epochs}
-    load0 = os.getloadavg()
-    stopped_at = None
-    while not all([j.done(n_marks[j.name]) for j in jobs]):
-        for j in jobs:
-            j.poll(n_marks[j.name])
-        if a.minutes and stopped_at is None and time.perf_counter() - jobs[0].t0 > a.minutes * 60:
-            stopped_at = round(time.perf_counter() - jobs[0].t0, 1)
-            for j in jobs:
-                if j.proc.returncode is None:
-                    j.proc.terminate()
-                    j.stopped = True
-        time.sleep(0.5)
-    load1 = os.getloadavg()
+    stopped_at, load0, load1 = run_side_by_side(jobs, {"drgnflow": 2, "cryodrgn": a.epochs}, a.minutes, 0.5)
 
     curves: dict[str, list[dict]] = {"drgnflow": [], "cryodrgn": []}
     for mark, label in ((1, "after the pose search"), (2, "final (poses.star)")):
         if mark not in jobs[0].epochs:
             continue
         if mark == 1:
-            ck = np.load(search_done(1))
+            ck = np.load(search_done())
             rots, shifts = ck["poses"], ck["shifts"]
         else:
             found = read_table(out_d / "poses.star")

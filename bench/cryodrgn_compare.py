@@ -48,16 +48,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def simulate(work: Path, n: int, D: int, apix: float, snr: float, seed: int) -> Path:
-    from drgn_core.simulate import SimConfig, run_simulation
-
-    data = work / f"hinge_D{D}_n{n}_apix{apix:g}_snr{snr:g}_s{seed}"
-    if not (data / "table.star").exists():
-        run_simulation(SimConfig(n=n, D=D, apix=apix, snr=snr, heterogeneity="continuous",
-                                 distribution="uniform", seed=seed), data, progress=False)
-    return data
-
-
 def cpu_seconds(pid: int) -> float:
     """utime + stime + the waited-for children's, of a running process (Linux /proc); at its end the
     same comes from wait4's resource usage."""
@@ -111,6 +101,59 @@ class Job:
         return True
 
 
+def simulate(work: Path, n: int, D: int, apix: float, snr: float, seed: int,
+             heterogeneity: str = "continuous") -> Path:
+    """The shared data set, simulated once per setting: a uniform hinge (continuous) or one structure
+    (none, for bench/cryodrgn_abinit_compare.py)."""
+    from drgn_core.simulate import SimConfig, run_simulation
+
+    kind = {"continuous": "hinge", "none": "homo"}[heterogeneity]
+    data = work / f"{kind}_D{D}_n{n}_apix{apix:g}_snr{snr:g}_s{seed}"
+    if not (data / "table.star").exists():
+        run_simulation(SimConfig(n=n, D=D, apix=apix, snr=snr, heterogeneity=heterogeneity,
+                                 distribution="uniform", seed=seed), data, progress=False)
+    return data
+
+
+def add_data_arguments(ap: argparse.ArgumentParser, n: int, epochs: int, epochs_help: str) -> None:
+    """The options both side-by-side benches share: the peer, the simulated set, the work folder."""
+    ap.add_argument("--cryodrgn", default=shutil.which("cryodrgn"), help="the cryodrgn executable")
+    ap.add_argument("--n", type=int, default=n, help=f"particles (default {n})")
+    ap.add_argument("--D", type=int, default=64)
+    ap.add_argument("--apix", type=float, default=3.0, help="Å/px (default 3, as bench/train_accuracy.py)")
+    ap.add_argument("--snr", type=float, default=0.1)
+    ap.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
+    ap.add_argument("--seed", type=int, default=0, help="the data's seed")
+    ap.add_argument("--workdir", type=Path, required=True)
+
+
+def prepared(a: argparse.Namespace, heterogeneity: str) -> Path:
+    """Refuse without cryoDRGN, then the simulated set in a.workdir."""
+    if not a.cryodrgn:
+        sys.exit("cryodrgn not found: give --cryodrgn PATH (install cryodrgn==4.3.1 in its own venv)")
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    return simulate(a.workdir, a.n, a.D, a.apix, a.snr, a.seed, heterogeneity)
+
+
+def run_side_by_side(jobs: list[Job], marks: dict[str, int], minutes: float, every: float = 0.2
+                     ) -> tuple[float | None, tuple, tuple]:
+    """Poll the jobs until all end, terminating those still running after `minutes` (0: no limit);
+    returns (the second they were stopped or None, load average at start, at end)."""
+    load0 = os.getloadavg()
+    stopped_at = None
+    while not all([j.done(marks[j.name]) for j in jobs]):
+        for j in jobs:
+            j.poll(marks[j.name])
+        if minutes and stopped_at is None and time.perf_counter() - jobs[0].t0 > minutes * 60:
+            stopped_at = round(time.perf_counter() - jobs[0].t0, 1)
+            for j in jobs:
+                if j.proc.returncode is None:
+                    j.proc.terminate()  # its returncode is then -15: recorded, not an error
+                    j.stopped = True
+        time.sleep(every)
+    return stopped_at, load0, os.getloadavg()
+
+
 def rho(z: np.ndarray, coord: np.ndarray) -> float:
     from drgn_core.evaluate import spearman_metric
 
@@ -130,26 +173,16 @@ def rho_at(curve: list[dict], wall: float) -> float | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cryodrgn", default=shutil.which("cryodrgn"), help="the cryodrgn executable")
-    ap.add_argument("--n", type=int, default=3000, help="particles (default 3000)")
-    ap.add_argument("--D", type=int, default=64)
-    ap.add_argument("--apix", type=float, default=3.0, help="Å/px (default 3, as bench/train_accuracy.py)")
-    ap.add_argument("--snr", type=float, default=0.1)
+    add_data_arguments(ap, 3000, 10, "epochs of each program (default 10)")
     ap.add_argument("--zdim", type=int, default=1)
-    ap.add_argument("--epochs", type=int, default=10, help="epochs of each program (default 10)")
-    ap.add_argument("--seed", type=int, default=0, help="the data's seed")
     ap.add_argument("--minutes", type=float, default=0,
                     help="stop both programs after this many minutes and compare the epochs they finished "
                          "(0: no limit); the target is then cryoDRGN's last finished epoch's |ρ|")
     ap.add_argument("--extra", default="", help="more drgn train flags (levers), e.g. '--lr-schedule cosine'")
-    ap.add_argument("--workdir", type=Path, required=True)
     a = ap.parse_args()
-    if not a.cryodrgn:
-        sys.exit("cryodrgn not found: give --cryodrgn PATH (install cryodrgn==4.3.1 in its own venv)")
     from drgn_core.io.table import read_table
 
-    a.workdir.mkdir(parents=True, exist_ok=True)
-    data = simulate(a.workdir, a.n, a.D, a.apix, a.snr, a.seed)
+    data = prepared(a, "continuous")
     coord = read_table(data / "table.star").particles["drgnGtCoord"].to_numpy(np.float64)
     tag = "drgnflow" + ("_" + "".join(c for c in a.extra if c.isalnum())[:40] if a.extra else "")
     out_d, out_c = a.workdir / tag, a.workdir / "cryodrgn"
@@ -177,19 +210,7 @@ def main() -> int:
 
     jobs = [Job("drgnflow", cmd_d, env, a.workdir / f"{tag}.log", z_d),
             Job("cryodrgn", cmd_c, env, a.workdir / "cryodrgn.log", lambda e: out_c / f"z.{e}.pkl")]
-    load0 = os.getloadavg()
-    stopped_at = None
-    while not all([j.done(a.epochs) for j in jobs]):
-        for j in jobs:
-            j.poll(a.epochs)
-        if a.minutes and stopped_at is None and time.perf_counter() - jobs[0].t0 > a.minutes * 60:
-            stopped_at = round(time.perf_counter() - jobs[0].t0, 1)
-            for j in jobs:
-                if j.proc.returncode is None:
-                    j.proc.terminate()  # its returncode is then -15: recorded, not an error
-                    j.stopped = True
-        time.sleep(0.2)
-    load1 = os.getloadavg()
+    stopped_at, load0, load1 = run_side_by_side(jobs, {j.name: a.epochs for j in jobs}, a.minutes)
 
     curves = {}
     for j in jobs:
